@@ -1,0 +1,73 @@
+"""pipeopt: run data pipelines fast and safely.
+
+Build a :class:`Pipeline` of tasks, run it with a :class:`PipelineOptimizer`,
+and read the :class:`RunResult`::
+
+    from pipeopt import Pipeline, PipelineOptimizer
+
+    pipeline = Pipeline("etl")
+
+    @pipeline.task(criticality="critical")
+    def extract() -> list[int]:
+        return [1, 2, 3]
+
+    @pipeline.task(dependencies=[extract])
+    def load(extract: list[int]) -> int:
+        return sum(extract)
+
+    result = PipelineOptimizer(max_workers=4).run(pipeline)
+    assert result.results["load"] == 6
+"""
+
+from pipeopt.context import ExecutionContext
+from pipeopt.errors import (
+    CircuitOpenError,
+    CycleError,
+    DuplicateTaskError,
+    NotCallableError,
+    PipelineError,
+    PipelineRunningError,
+    PipeoptError,
+    RetryError,
+    SelfDependencyError,
+    TaskSignatureError,
+    TaskTimeoutError,
+    UnknownCriticalityError,
+    UnknownDependencyError,
+    UpstreamFailedError,
+)
+from pipeopt.graph import Pipeline, PipelineTask
+from pipeopt.optimizer import PipelineOptimizer
+from pipeopt.priority import LABELS, Criticality, PriorityJobQueue
+from pipeopt.result import RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LABELS",
+    "CircuitOpenError",
+    "Criticality",
+    "CycleError",
+    "DuplicateTaskError",
+    "ExecutionContext",
+    "NotCallableError",
+    "Pipeline",
+    "PipelineError",
+    "PipelineOptimizer",
+    "PipelineRunningError",
+    "PipelineTask",
+    "PipeoptError",
+    "PriorityJobQueue",
+    "RetryError",
+    "RunResult",
+    "RunSnapshot",
+    "RunStatus",
+    "SelfDependencyError",
+    "TaskOutcome",
+    "TaskSignatureError",
+    "TaskState",
+    "TaskTimeoutError",
+    "UnknownCriticalityError",
+    "UnknownDependencyError",
+    "UpstreamFailedError",
+]

@@ -1,0 +1,146 @@
+"""The executor protocol: executors only run task bodies.
+
+The scheduler, retries, breakers and metrics stay in the driver. A worker
+slot of the run loop takes a ready task, builds a :class:`TaskCall` and hands
+it to the executor:
+
+* an *inline* executor (``ThreadExecutor``, ``SyncExecutor``) is called as
+  ``executor.run_inline(call, context)`` in the slot's own thread;
+* any other executor gets ``executor.submit(call, context) -> Future`` and
+  the slot waits on the future; on a timeout or an interrupt the run loop
+  calls ``executor.cancel(future)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from pipeopt.context import ExecutionContext
+    from pipeopt.graph import BodyKind
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCall:
+    """One attempt of one task body, with its arguments resolved.
+
+    ``kwargs`` holds the upstream results by parameter name but not the
+    context: ``wants_context`` says whether the body takes one.
+    """
+
+    task: str
+    func: Callable[..., Any]
+    kwargs: dict[str, Any]
+    wants_context: bool
+    kind: BodyKind
+    attempt: int
+    level: int
+    timeout: float | None
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Anything that can run task bodies for the scheduler."""
+
+    name: str
+    inline: bool
+
+    def start(self, max_workers: int) -> None:
+        """Prepare to run up to ``max_workers`` bodies at once."""
+
+    def submit(self, call: TaskCall, context: ExecutionContext) -> Future[Any]:
+        """Start ``call`` and return a future of its result (non-inline executors)."""
+
+    def cancel(self, future: Future[Any]) -> bool:
+        """Try to stop a submitted call; return whether it was stopped."""
+
+    def shutdown(self, *, cancel: bool = False) -> None:
+        """Release the executor's resources."""
+
+
+_loops = threading.local()
+
+
+def _run_coroutine(awaitable: Any, timeout: float | None) -> Any:
+    runner: asyncio.Runner | None = getattr(_loops, "runner", None)
+    if runner is None:
+        runner = asyncio.Runner()
+        _loops.runner = runner
+    if timeout is not None:
+        return runner.run(asyncio.wait_for(awaitable, timeout))
+    return runner.run(awaitable)
+
+
+async def _collect_async(agen: Any) -> list[Any]:
+    return [item async for item in agen]
+
+
+def invoke(call: TaskCall, context: ExecutionContext | None) -> Any:
+    """Run one task body in the calling thread and return its result.
+
+    Coroutine bodies run on a per-thread event loop, cancelled for real at
+    their timeout; generator bodies are drained into a list.
+    """
+    kwargs = call.kwargs
+    if call.wants_context:
+        kwargs = {**kwargs, "context": context}
+    out = call.func(**kwargs)
+    if call.kind == "generator" or (call.kind == "function" and inspect.isgenerator(out)):
+        return list(out)
+    if call.kind == "async_generator" or inspect.isasyncgen(out):
+        return _run_coroutine(_collect_async(out), call.timeout)
+    if inspect.isawaitable(out):
+        return _run_coroutine(out, call.timeout)
+    return out
+
+
+class ThreadExecutor:
+    """Run bodies in the scheduler's worker threads (the default, for I/O-bound work).
+
+    A thread cannot be killed: when an attempt times out, its task is failed
+    (and retried if its policy allows), the worker slot is handed to a fresh
+    thread, and the abandoned thread runs on until the body returns; its
+    result is then discarded. Bodies should check ``context.cancelled``.
+    """
+
+    name = "thread"
+    inline = True
+
+    def start(self, max_workers: int) -> None:
+        """Nothing to prepare: the run loop owns the threads."""
+
+    def run_inline(self, call: TaskCall, context: ExecutionContext) -> Any:
+        """Run ``call`` in the calling worker thread."""
+        return invoke(call, context)
+
+    def submit(self, call: TaskCall, context: ExecutionContext) -> Future[Any]:
+        """Run ``call`` now and return a completed future (for callers outside the run loop)."""
+        future: Future[Any] = Future()
+        try:
+            future.set_result(invoke(call, context))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def cancel(self, future: Future[Any]) -> bool:
+        """Threads cannot be cancelled once started."""
+        return future.cancel()
+
+    def shutdown(self, *, cancel: bool = False) -> None:
+        """Nothing to release."""
+
+
+class SyncExecutor(ThreadExecutor):
+    """Run every body in the caller's thread, one at a time (for debugging).
+
+    ``pdb`` and profilers see the task bodies in the main thread; timeouts
+    are checked after a body returns.
+    """
+
+    name = "sync"

@@ -1,0 +1,455 @@
+"""Pipelines as validated task graphs (pure: no threads, no I/O).
+
+A :class:`Pipeline` is a named set of :class:`PipelineTask` objects whose
+``dependencies`` name other tasks. :meth:`Pipeline.compile` validates the whole
+graph before anything runs and returns a :class:`CompiledPipeline`: integer
+indices, dependency and dependent lists, a topological order, each task's
+effective criticality (the most urgent of its own and of every task that
+waits on it, transitively) and its remaining critical path (the longest chain
+of expected work from the task to a sink of the graph, itself included).
+
+Parameter injection: a parameter named ``context`` receives the
+:class:`~pipeopt.context.ExecutionContext`; a parameter named like a
+dependency receives that dependency's result; ``**kwargs`` receives the
+results of the dependencies not named otherwise. Any other parameter must
+have a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from pipeopt._validate import check_float
+from pipeopt.errors import (
+    CycleError,
+    DuplicateTaskError,
+    NotCallableError,
+    PipelineRunningError,
+    SelfDependencyError,
+    TaskSignatureError,
+    UnknownDependencyError,
+)
+from pipeopt.priority import Criticality, parse_criticality
+
+if TYPE_CHECKING:
+    from pipeopt.breaker import CircuitBreaker
+    from pipeopt.retry import RetryPolicy
+
+BodyKind = Literal["function", "coroutine", "generator", "async_generator"]
+
+
+@dataclass(eq=False)
+class PipelineTask:
+    """One unit of work in a pipeline.
+
+    Args:
+        name: unique within its pipeline.
+        func: the body; a plain function, an ``async def`` function, a
+            generator (its items are collected into a list) or an async
+            generator.
+        dependencies: names of (or the tasks themselves) that must succeed
+            first.
+        criticality: one of ``blocker``, ``critical``, ``high``, ``medium``,
+            ``low``, ``deferred``.
+        retry_policy: how failed attempts are retried; ``None`` for one attempt.
+        circuit_breaker: a breaker guarding the downstream service the task
+            calls; may be shared by many tasks.
+        timeout: seconds an attempt may run before it is failed.
+        expected_duration: a cost hint in seconds used to rank tasks by their
+            remaining critical path; unknown tasks count as 1.
+        cache_key: a function of the task's inputs naming its result, so a
+            run store can reuse it.
+        persist: whether a run store may keep the result.
+        description: free text shown by ``pipeopt graph`` and the dashboard.
+    """
+
+    name: str
+    func: Callable[..., Any]
+    dependencies: Sequence[str | PipelineTask] = ()
+    criticality: Criticality | str = Criticality.MEDIUM
+    retry_policy: RetryPolicy | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    timeout: float | None = None
+    expected_duration: float | None = None
+    cache_key: Callable[..., str] | None = None
+    persist: bool = True
+    description: str = ""
+    _deps: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"task name must be a non-empty string, got {self.name!r}")
+        if not callable(self.func):
+            raise NotCallableError(self.name, self.func)
+        self.criticality = parse_criticality(self.criticality)
+        if isinstance(self.dependencies, str | PipelineTask):
+            self.dependencies = (self.dependencies,)
+        names: list[str] = []
+        for dep in self.dependencies:
+            dep_name = dep.name if isinstance(dep, PipelineTask) else dep
+            if not isinstance(dep_name, str):
+                raise TypeError(
+                    f"task {self.name!r}: dependencies must be task names or tasks, "
+                    f"got {type(dep).__name__} {dep!r}"
+                )
+            if dep_name == self.name:
+                raise SelfDependencyError(self.name)
+            if dep_name not in names:
+                names.append(dep_name)
+        self._deps = tuple(names)
+        self.dependencies = self._deps
+        if self.timeout is not None:
+            self.timeout = check_float(
+                f"task {self.name!r}: timeout", self.timeout, minimum=0.0, strict_minimum=True
+            )
+        if self.expected_duration is not None:
+            self.expected_duration = check_float(
+                f"task {self.name!r}: expected_duration", self.expected_duration, minimum=0.0
+            )
+        if self.cache_key is not None and not callable(self.cache_key):
+            raise TypeError(f"task {self.name!r}: cache_key must be callable or None")
+
+    @property
+    def dependency_names(self) -> tuple[str, ...]:
+        """Return the names of the tasks this one depends on, in declared order."""
+        return self._deps
+
+    @property
+    def level(self) -> Criticality:
+        """Return the task's own criticality as a :class:`Criticality`."""
+        return parse_criticality(self.criticality)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the task's function directly, outside any pipeline."""
+        return self.func(*args, **kwargs)
+
+
+class Pipeline:
+    """A named DAG of tasks.
+
+    Build it with the :meth:`task` decorator or :meth:`add`; run it with
+    :meth:`pipeopt.PipelineOptimizer.run`::
+
+        pipeline = Pipeline("etl")
+
+        @pipeline.task(criticality="critical")
+        def extract() -> list[int]:
+            return [1, 2, 3]
+
+        @pipeline.task(dependencies=[extract])
+        def load(extract: list[int]) -> int:
+            return sum(extract)
+    """
+
+    def __init__(self, name: str = "pipeline", *, description: str = "") -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"pipeline name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.description = description
+        self._tasks: dict[str, PipelineTask] = {}
+        self._running = 0
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, tasks={len(self._tasks)})"
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[PipelineTask]:
+        return iter(self._tasks.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __getitem__(self, name: str) -> PipelineTask:
+        return self._tasks[name]
+
+    @property
+    def tasks(self) -> dict[str, PipelineTask]:
+        """Return the tasks by name, in insertion order (a copy)."""
+        return dict(self._tasks)
+
+    @property
+    def running(self) -> bool:
+        """Return whether a run of this pipeline is in progress."""
+        return self._running > 0
+
+    def add(self, task: PipelineTask) -> PipelineTask:
+        """Add ``task`` and return it.
+
+        Unknown dependencies are allowed here (tasks may be added in any
+        order) and reported by :meth:`compile`.
+
+        Raises:
+            DuplicateTaskError: a task of that name exists.
+            PipelineRunningError: the pipeline is running.
+        """
+        if not isinstance(task, PipelineTask):
+            raise TypeError(f"add() takes a PipelineTask, got {type(task).__name__}")
+        if self._running:
+            raise PipelineRunningError(self.name)
+        if task.name in self._tasks:
+            raise DuplicateTaskError(task.name)
+        self._tasks[task.name] = task
+        return task
+
+    @overload
+    def task(self, func: Callable[..., Any], /) -> PipelineTask: ...
+
+    @overload
+    def task(
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        dependencies: Iterable[str | PipelineTask] | str | PipelineTask = (),
+        criticality: Criticality | str = Criticality.MEDIUM,
+        retry_policy: RetryPolicy | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
+        timeout: float | None = None,
+        expected_duration: float | None = None,
+        cache_key: Callable[..., str] | None = None,
+        persist: bool = True,
+        description: str | None = None,
+    ) -> Callable[[Callable[..., Any]], PipelineTask]: ...
+
+    def task(
+        self,
+        func: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        dependencies: Iterable[str | PipelineTask] | str | PipelineTask = (),
+        criticality: Criticality | str = Criticality.MEDIUM,
+        retry_policy: RetryPolicy | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
+        timeout: float | None = None,
+        expected_duration: float | None = None,
+        cache_key: Callable[..., str] | None = None,
+        persist: bool = True,
+        description: str | None = None,
+    ) -> PipelineTask | Callable[[Callable[..., Any]], PipelineTask]:
+        """Register a function as a task; use bare (``@p.task``) or with options.
+
+        The task's name defaults to the function's name; the decorated name
+        is bound to the :class:`PipelineTask`, which can be passed as a
+        dependency and still be called like the function.
+        """
+
+        def register(f: Callable[..., Any]) -> PipelineTask:
+            if isinstance(dependencies, str | PipelineTask):
+                deps: tuple[str | PipelineTask, ...] = (dependencies,)
+            else:
+                deps = tuple(dependencies)
+            return self.add(
+                PipelineTask(
+                    name=name if name is not None else getattr(f, "__name__", repr(f)),
+                    func=f,
+                    dependencies=deps,
+                    criticality=criticality,
+                    retry_policy=retry_policy,
+                    circuit_breaker=circuit_breaker,
+                    timeout=timeout,
+                    expected_duration=expected_duration,
+                    cache_key=cache_key,
+                    persist=persist,
+                    description=description
+                    if description is not None
+                    else (inspect.getdoc(f) or "").split("\n", 1)[0],
+                )
+            )
+
+        if func is not None:
+            return register(func)
+        return register
+
+    def compile(self) -> CompiledPipeline:
+        """Validate the whole graph and return its compiled form.
+
+        Raises:
+            UnknownDependencyError: a dependency names no task (with a suggestion).
+            CycleError: the graph has a cycle (its tasks listed in order).
+            TaskSignatureError: a parameter matches neither ``context`` nor a dependency.
+        """
+        return CompiledPipeline(self.name, list(self._tasks.values()))
+
+    def validate(self) -> None:
+        """Raise the first problem :meth:`compile` would find; return if none."""
+        self.compile()
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """How to call one task's function: which parameters get what."""
+
+    wants_context: bool
+    by_name: tuple[tuple[str, str], ...]  # (parameter, dependency)
+    rest_as_kwargs: tuple[str, ...]  # dependencies passed through **kwargs
+    kind: BodyKind
+
+
+def _injection(task: PipelineTask) -> Injection:
+    func = task.func
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        # Builtins without a signature get no injected arguments.
+        return Injection(False, (), (), _kind(func))
+    deps = task.dependency_names
+    wants_context = False
+    by_name: list[tuple[str, str]] = []
+    var_kw = False
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL,):
+            continue
+        if param.kind is param.VAR_KEYWORD:
+            var_kw = True
+            continue
+        if param.kind is param.POSITIONAL_ONLY and param.default is param.empty:
+            raise TaskSignatureError(task.name, param.name, deps)
+        if param.name == "context":
+            wants_context = True
+        elif param.name in deps:
+            by_name.append((param.name, param.name))
+        elif param.default is param.empty:
+            raise TaskSignatureError(task.name, param.name, deps)
+    named = {dep for _, dep in by_name}
+    rest = tuple(d for d in deps if d not in named) if var_kw else ()
+    return Injection(wants_context, tuple(by_name), rest, _kind(func))
+
+
+def _kind(func: Callable[..., Any]) -> BodyKind:
+    target = inspect.unwrap(func)
+    if inspect.isasyncgenfunction(target):
+        return "async_generator"
+    if inspect.iscoroutinefunction(target):
+        return "coroutine"
+    if inspect.isgeneratorfunction(target):
+        return "generator"
+    return "function"
+
+
+class CompiledPipeline:
+    """A validated pipeline in index form, ready for the scheduler.
+
+    Attributes:
+        tasks: the tasks in insertion order; index ``i`` everywhere below.
+        index: task name -> index.
+        dependencies: per task, the indices it waits on.
+        dependents: per task, the indices waiting on it.
+        order: a topological order (dependencies first; insertion order among peers).
+        levels: effective criticality per task (inherited from dependents).
+        critical_path: remaining critical path per task, in expected seconds.
+        injections: how to call each task's function.
+    """
+
+    def __init__(self, name: str, tasks: list[PipelineTask]) -> None:
+        self.name = name
+        self.tasks = tasks
+        self.index = {task.name: i for i, task in enumerate(tasks)}
+        self.dependencies: list[tuple[int, ...]] = []
+        for task in tasks:
+            deps: list[int] = []
+            for dep in task.dependency_names:
+                found = self.index.get(dep)
+                if found is None:
+                    close = difflib.get_close_matches(dep, list(self.index), n=1, cutoff=0.6)
+                    raise UnknownDependencyError(task.name, dep, close[0] if close else None)
+                deps.append(found)
+            self.dependencies.append(tuple(deps))
+        dependents: list[list[int]] = [[] for _ in tasks]
+        for i, deps_i in enumerate(self.dependencies):
+            for d in deps_i:
+                dependents[d].append(i)
+        self.dependents = [tuple(d) for d in dependents]
+        self.order = self._toposort()
+        self.levels = self._inherit_levels()
+        self.critical_path = self._critical_path()
+        self.injections = [_injection(task) for task in tasks]
+        self.names = [task.name for task in tasks]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def _toposort(self) -> list[int]:
+        remaining = [len(d) for d in self.dependencies]
+        order = [i for i, r in enumerate(remaining) if r == 0]
+        for i in order:  # the list grows while we walk it
+            for j in self.dependents[i]:
+                remaining[j] -= 1
+                if remaining[j] == 0:
+                    order.append(j)
+        if len(order) != len(self.tasks):
+            raise CycleError(self._find_cycle({i for i, r in enumerate(remaining) if r > 0}))
+        return order
+
+    def _find_cycle(self, stuck: set[int]) -> list[str]:
+        # Every stuck task has a stuck dependency, so walking dependencies
+        # from any stuck task must revisit one: that loop is a cycle.
+        start = min(stuck)
+        seen: dict[int, int] = {}
+        path: list[int] = []
+        node = start
+        while node not in seen:
+            seen[node] = len(path)
+            path.append(node)
+            node = next(d for d in self.dependencies[node] if d in stuck)
+        loop = path[seen[node] :]
+        # Report in "a needs b needs c needs a" order, starting at the earliest-added task.
+        first = loop.index(min(loop))
+        loop = loop[first:] + loop[:first]
+        return [self.tasks[i].name for i in [*loop, loop[0]]]
+
+    def _inherit_levels(self) -> list[int]:
+        levels = [int(parse_criticality(task.criticality)) for task in self.tasks]
+        for i in reversed(self.order):
+            for j in self.dependents[i]:
+                levels[i] = min(levels[i], levels[j])
+        return levels
+
+    def _critical_path(self) -> list[float]:
+        cost = [expected_cost(task) for task in self.tasks]
+        path = [0.0] * len(self.tasks)
+        for i in reversed(self.order):
+            below = max((path[j] for j in self.dependents[i]), default=0.0)
+            path[i] = cost[i] + below
+        return path
+
+    def longest_path(self) -> float:
+        """Return the length of the graph's critical path in expected seconds."""
+        return max(self.critical_path, default=0.0)
+
+    def descendants(self, i: int) -> list[int]:
+        """Return every task that depends on task ``i``, transitively."""
+        seen: set[int] = set()
+        stack = list(self.dependents[i])
+        while stack:
+            j = stack.pop()
+            if j not in seen:
+                seen.add(j)
+                stack.extend(self.dependents[j])
+        return sorted(seen)
+
+    def fingerprint(self) -> str:
+        """Return a stable hash of the graph's structure (names, edges, settings)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for task in sorted(self.tasks, key=lambda t: t.name):
+            digest.update(task.name.encode())
+            digest.update(b"\0")
+            digest.update("\x1f".join(sorted(task.dependency_names)).encode())
+            digest.update(b"\0")
+            digest.update(parse_criticality(task.criticality).label.encode())
+            digest.update(b"\n")
+        return digest.hexdigest()[:16]
+
+
+def expected_cost(task: PipelineTask) -> float:
+    """Return the task's cost hint in seconds (1.0 when unknown)."""
+    return 1.0 if task.expected_duration is None else task.expected_duration

@@ -1,0 +1,288 @@
+"""`PipelineOptimizer`: validate a pipeline, run it, and report what happened."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from pipeopt._validate import check_float, check_int
+from pipeopt.executors.base import Executor, SyncExecutor, ThreadExecutor
+from pipeopt.metrics import OptimizerMetrics
+from pipeopt.result import RunResult, RunSnapshot, RunStatus, TaskState
+from pipeopt.scheduler import RunHooks, RunLoop, SchedulerCore
+
+if TYPE_CHECKING:
+    from pipeopt.batching import Batcher
+    from pipeopt.graph import Pipeline
+
+_log = logging.getLogger("pipeopt.run")
+
+EXECUTORS = ("thread", "process", "async", "sync", "dask")
+
+
+def default_workers() -> int:
+    """Return the default worker count: as for ``ThreadPoolExecutor``, min(32, cpus + 4)."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+def new_run_id() -> str:
+    """Return a sortable, unique run id such as ``20261128-143205-1a2b3c``."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def resolve_executor(executor: str | Executor) -> Executor:
+    """Return an executor instance for a name or pass an instance through.
+
+    Raises:
+        ValueError: the name is not one of :data:`EXECUTORS`.
+    """
+    if not isinstance(executor, str):
+        return executor
+    name = executor.strip().lower()
+    if name == "thread":
+        return ThreadExecutor()
+    if name == "sync":
+        return SyncExecutor()
+    if name in ("process", "async", "dask"):
+        from pipeopt import executors
+
+        factory = getattr(executors, "by_name", None)
+        if factory is not None:
+            resolved: Executor = factory(name)
+            return resolved
+        raise ValueError(f"executor {name!r} is not available in this build")
+    raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+
+
+class PipelineOptimizer:
+    """Run pipelines in parallel by criticality, with metrics.
+
+    Args:
+        max_workers: task bodies running at once; 1 is the sequential
+            baseline. Defaults to min(32, cpus + 4).
+        executor: ``"thread"`` (default, I/O-bound work), ``"process"``,
+            ``"async"``, ``"sync"`` (everything in the caller's thread, for
+            debugging), or an executor instance such as
+            ``pipeopt.executors.DaskExecutor()``.
+        fail_fast: on the first task failure, cancel everything not started.
+        registry: the Prometheus registry to export to; a fresh one by default.
+        aging_interval: seconds of waiting that promote a ready task one
+            criticality level (``None``: strict priority).
+        batch_size: the fixed batch size ``context.plan_batch`` answers when
+            no ``batcher_factory`` is given.
+        batcher_factory: builds each task's batcher from its name, e.g.
+            ``lambda task: AdaptiveBatcher(target_latency=0.1)``.
+        seed: seeds the retry jitter, for reproducible runs.
+        interrupt_grace: seconds an interrupt waits for running bodies.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        executor: str | Executor = "thread",
+        *,
+        fail_fast: bool = False,
+        registry: CollectorRegistry | None = None,
+        aging_interval: float | None = 5.0,
+        batch_size: int = 1000,
+        batcher_factory: Callable[[str], Batcher] | None = None,
+        seed: int | None = None,
+        interrupt_grace: float = 1.0,
+    ) -> None:
+        self.max_workers = (
+            default_workers()
+            if max_workers is None
+            else check_int("max_workers", max_workers, minimum=1)
+        )
+        self.executor = resolve_executor(executor)
+        self.fail_fast = bool(fail_fast)
+        if aging_interval is not None:
+            aging_interval = check_float(
+                "aging_interval", aging_interval, minimum=0.0, strict_minimum=True
+            )
+        self.aging_interval = aging_interval
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.batcher_factory = batcher_factory
+        self.seed = seed
+        self.interrupt_grace = check_float("interrupt_grace", interrupt_grace, minimum=0.0)
+        self.metrics = OptimizerMetrics(registry)
+        self._lock = threading.Lock()
+        self._loop: RunLoop | None = None
+        self._run_id: str | None = None
+        self._pipeline_name: str | None = None
+        self._started_at: float | None = None
+        self._status: RunStatus | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """Return this optimizer's Prometheus registry."""
+        return self.metrics.registry
+
+    def _make_batcher(self, task: str) -> Batcher:
+        if self.batcher_factory is not None:
+            return self.batcher_factory(task)
+        from pipeopt.batching import FixedBatcher
+
+        return FixedBatcher(self.batch_size)
+
+    def run(self, pipeline: Pipeline, *, run_id: str | None = None) -> RunResult:
+        """Validate ``pipeline``, run every task, and return the outcome.
+
+        The graph is checked before anything runs. Task failures do not
+        raise: they are in the result (``result.raise_for_status()`` raises
+        the first). ``KeyboardInterrupt`` stops dispatching, cancels what has
+        not started, records every task's state, and is re-raised with the
+        partial result on its ``result`` attribute.
+
+        Raises:
+            PipelineError: the pipeline is invalid (see :mod:`pipeopt.errors`).
+        """
+        compiled = pipeline.compile()
+        if self.executor.name not in ("thread", "sync"):
+            check = getattr(self.executor, "check_pipeline", None)
+            if check is not None:
+                check(compiled)
+        run_id = run_id or new_run_id()
+        core = SchedulerCore(
+            compiled,
+            fail_fast=self.fail_fast,
+            aging_interval=self.aging_interval,
+            rng=random.Random(self.seed),
+        )
+        hooks = RunHooks(
+            run_id=run_id,
+            batchers={},
+            batcher_factory=self._make_batcher,
+            batch_observer=self.metrics.observe_batch,
+        )
+        loop = RunLoop(
+            core, self.executor, self.max_workers, hooks, interrupt_grace=self.interrupt_grace
+        )
+        started_wall = time.time()
+        started = time.perf_counter()
+        with self._lock:
+            self._loop = loop
+            self._run_id = run_id
+            self._pipeline_name = pipeline.name
+            self._started_at = started_wall
+            self._status = RunStatus.RUNNING
+        self.metrics.collector.attach(core, loop.lock)
+        pipeline._running += 1
+        self.executor.start(self.max_workers)
+        interrupted: BaseException | None = None
+        try:
+            loop.run()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+        finally:
+            pipeline._running -= 1
+            self.executor.shutdown(cancel=interrupted is not None)
+        wall = time.perf_counter() - started
+        with loop.lock:
+            status = _status(core, interrupted is not None or loop.interrupted)
+            result = RunResult(
+                run_id=run_id,
+                pipeline=pipeline.name,
+                status=status,
+                tasks={o.name: o for o in core.outcomes},
+                results=dict(core.results),
+                started_at=started_wall,
+                wall_time=wall,
+                interrupted=interrupted is not None or loop.interrupted,
+            )
+        with self._lock:
+            self._status = status
+        self.metrics.collector.run_finished(status.value)
+        _log.info(
+            "run %s of %r %s in %.3fs: %s",
+            run_id,
+            pipeline.name,
+            status.value,
+            wall,
+            {k: v for k, v in result.counts().items() if v},
+        )
+        if interrupted is not None:
+            interrupted.result = result  # type: ignore[attr-defined]
+            raise interrupted
+        return result
+
+    def interrupt(self) -> None:
+        """Stop the current run as Ctrl-C would (callable from any thread)."""
+        with self._lock:
+            loop = self._loop
+        if loop is not None:
+            loop.interrupt(KeyboardInterrupt("interrupted"))
+
+    def snapshot(self) -> RunSnapshot:
+        """Return a consistent copy of the current (or last) run's state."""
+        with self._lock:
+            loop = self._loop
+            run_id, name, started, status = (
+                self._run_id,
+                self._pipeline_name,
+                self._started_at,
+                self._status,
+            )
+        batch_sizes = dict(self.metrics.last_batch_size)
+        if loop is None:
+            return RunSnapshot(
+                run_id=None,
+                pipeline=None,
+                status=None,
+                started_at=None,
+                taken_at=time.time(),
+                tasks_total=0,
+                tasks_active=0,
+                critical_backlog=0,
+                tasks_finished=0,
+                failures_total=0,
+                retries_total=0,
+                tasks={},
+                batch_sizes=batch_sizes,
+                breakers={},
+            )
+        core = loop.core
+        with loop.lock:
+            tasks = {o.name: copy.copy(o) for o in core.outcomes}
+            active, backlog, finished = core.active, core.critical_backlog, core.finished
+            failures, retries = core.failures_total, core.retries_total
+        breakers: dict[str, int] = {}
+        for task in core.compiled.tasks:
+            breaker = task.circuit_breaker
+            if breaker is not None and breaker.name not in breakers:
+                breakers[breaker.name] = int(breaker.statistics().state)
+        return RunSnapshot(
+            run_id=run_id,
+            pipeline=name,
+            status=status,
+            started_at=started,
+            taken_at=time.time(),
+            tasks_total=core.total,
+            tasks_active=active,
+            critical_backlog=backlog,
+            tasks_finished=finished,
+            failures_total=failures,
+            retries_total=retries,
+            tasks=tasks,
+            batch_sizes=batch_sizes,
+            breakers=breakers,
+        )
+
+
+def _status(core: SchedulerCore, interrupted: bool) -> RunStatus:
+    states = {o.state for o in core.outcomes}
+    if interrupted or TaskState.CANCELLED in states:
+        return RunStatus.CANCELLED
+    if TaskState.FAILED in states or TaskState.SKIPPED in states:
+        return RunStatus.FAILED
+    return RunStatus.SUCCEEDED

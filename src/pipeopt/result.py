@@ -1,0 +1,191 @@
+"""Run outcomes: task states, per-task outcomes, the run result and live snapshots.
+
+These are plain records. The scheduler fills them; the CLI, the dashboard,
+the run store and callers read them. Times are ``time.time()`` epochs for
+wall-clock instants and seconds (``float``) for durations.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its life; the last five are final."""
+
+    PENDING = "pending"  # waiting for dependencies
+    READY = "ready"  # dependencies met, waiting for a worker
+    RUNNING = "running"
+    RETRYING = "retrying"  # parked until its next attempt (backoff or an open breaker)
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # an upstream task failed
+    CANCELLED = "cancelled"  # fail_fast or an interrupt stopped it before it finished
+    CACHED = "cached"  # result reused from the run store
+
+    @property
+    def is_final(self) -> bool:
+        """Return whether the task will not change state again in this run."""
+        return self in _FINAL_STATES
+
+
+_FINAL_STATES = frozenset(
+    {
+        TaskState.SUCCEEDED,
+        TaskState.FAILED,
+        TaskState.SKIPPED,
+        TaskState.CANCELLED,
+        TaskState.CACHED,
+    }
+)
+
+
+class RunStatus(enum.StrEnum):
+    """How a run ended."""
+
+    SUCCEEDED = "succeeded"  # every task succeeded (or was cached)
+    FAILED = "failed"  # some task failed; independent branches still ran to the end
+    CANCELLED = "cancelled"  # fail_fast or an interrupt cancelled work that had not started
+    RUNNING = "running"  # only seen in snapshots of a run in progress
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt of a task: its number (1-based), start, duration and error."""
+
+    number: int
+    started_at: float
+    duration: float
+    error: BaseException | None = None
+    traceback: str | None = None
+
+
+@dataclass(slots=True)
+class TaskOutcome:
+    """Everything known about one task of a run.
+
+    ``duration`` covers the first attempt's start to the last attempt's end,
+    backoff included; each attempt's own timing is in ``attempt_history``.
+    ``error`` is the exception of the final attempt, kept whole (type, args,
+    ``__cause__`` and traceback); ``traceback`` is its formatted text.
+    """
+
+    name: str
+    criticality: str
+    state: TaskState = TaskState.PENDING
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: BaseException | None = None
+    traceback: str | None = None
+    attempt_history: list[AttemptRecord] = field(default_factory=list)
+    custom_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float | None:
+        """Return seconds from the first start to the end, or None if it never ran."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of this outcome (errors as type and message)."""
+        return {
+            "name": self.name,
+            "criticality": self.criticality,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "started_at": self.started_at,
+            "duration_s": self.duration,
+            "error_type": type(self.error).__name__ if self.error is not None else None,
+            "error": str(self.error) if self.error is not None else None,
+            "custom_metrics": dict(self.custom_metrics),
+        }
+
+
+@dataclass(slots=True)
+class RunResult:
+    """The result of :meth:`PipelineOptimizer.run`.
+
+    ``results`` maps each succeeded task to its return value; ``tasks`` maps
+    every task, whatever happened to it, to its :class:`TaskOutcome`.
+    """
+
+    run_id: str
+    pipeline: str
+    status: RunStatus
+    tasks: dict[str, TaskOutcome]
+    results: dict[str, Any]
+    started_at: float
+    wall_time: float
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Return whether every task succeeded."""
+        return self.status is RunStatus.SUCCEEDED
+
+    def counts(self) -> dict[str, int]:
+        """Return how many tasks ended in each state (every state listed)."""
+        tally = dict.fromkeys((s.value for s in TaskState), 0)
+        for outcome in self.tasks.values():
+            tally[outcome.state.value] += 1
+        return tally
+
+    @property
+    def failed(self) -> dict[str, TaskOutcome]:
+        """Return the outcomes of the tasks that failed."""
+        return {n: o for n, o in self.tasks.items() if o.state is TaskState.FAILED}
+
+    def raise_for_status(self) -> None:
+        """Raise the error of the first failed task, if any task failed.
+
+        Raises:
+            BaseException: the failed task's own exception, kept whole.
+            RuntimeError: the run was cancelled without a task error.
+        """
+        for outcome in self.tasks.values():
+            if outcome.state is TaskState.FAILED and outcome.error is not None:
+                raise outcome.error
+        if self.status is RunStatus.CANCELLED:
+            raise RuntimeError(f"run {self.run_id} of {self.pipeline!r} was cancelled")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of the run (without task results)."""
+        return {
+            "run_id": self.run_id,
+            "pipeline": self.pipeline,
+            "status": self.status.value,
+            "started_at": self.started_at,
+            "wall_time_s": self.wall_time,
+            "interrupted": self.interrupted,
+            "counts": self.counts(),
+            "tasks": {name: o.to_dict() for name, o in self.tasks.items()},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunSnapshot:
+    """A consistent view of a run in progress (or finished), for live displays.
+
+    Taken under the scheduler's lock by :meth:`PipelineOptimizer.snapshot`;
+    ``tasks`` holds copies, so readers never see a half-updated outcome.
+    """
+
+    run_id: str | None
+    pipeline: str | None
+    status: RunStatus | None
+    started_at: float | None
+    taken_at: float
+    tasks_total: int
+    tasks_active: int
+    critical_backlog: int
+    tasks_finished: int
+    failures_total: int
+    retries_total: int
+    tasks: Mapping[str, TaskOutcome]
+    batch_sizes: Mapping[str, int]
+    breakers: Mapping[str, int]
