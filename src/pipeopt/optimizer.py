@@ -24,6 +24,7 @@ from pipeopt.scheduler import RunHooks, RunLoop, SchedulerCore
 if TYPE_CHECKING:
     from pipeopt.batching import Batcher
     from pipeopt.graph import Pipeline
+    from pipeopt.store import RunStore
 
 _log = logging.getLogger("pipeopt.run")
 
@@ -84,6 +85,9 @@ class PipelineOptimizer:
             ``lambda task: AdaptiveBatcher(target_latency=0.1)``.
         seed: seeds the retry jitter, for reproducible runs.
         interrupt_grace: seconds an interrupt waits for running bodies.
+        state_dir: folder of the run store (a SQLite file) that records runs
+            for ``history``, ``resume`` and ``cache_key``; ``None`` (the
+            library default) records nothing. The CLI uses ``.pipeopt``.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class PipelineOptimizer:
         batcher_factory: Callable[[str], Batcher] | None = None,
         seed: int | None = None,
         interrupt_grace: float = 1.0,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.max_workers = (
             default_workers()
@@ -115,6 +120,8 @@ class PipelineOptimizer:
         self.batcher_factory = batcher_factory
         self.seed = seed
         self.interrupt_grace = check_float("interrupt_grace", interrupt_grace, minimum=0.0)
+        self.state_dir = state_dir
+        self._store: RunStore | None = None
         self.metrics = OptimizerMetrics(registry)
         self._lock = threading.Lock()
         self._loop: RunLoop | None = None
@@ -135,7 +142,55 @@ class PipelineOptimizer:
 
         return FixedBatcher(self.batch_size)
 
-    def run(self, pipeline: Pipeline, *, run_id: str | None = None) -> RunResult:
+    @property
+    def store(self) -> RunStore | None:
+        """Return the run store, opened on first use, or ``None`` when off."""
+        if self.state_dir is None:
+            return None
+        if self._store is None:
+            from pipeopt.store import RunStore
+
+            self._store = RunStore(self.state_dir)
+        return self._store
+
+    def resume(
+        self, pipeline: Pipeline, run_id: str | None = None, *, force: bool = False
+    ) -> RunResult:
+        """Run again only what did not succeed in an earlier run of ``pipeline``.
+
+        Args:
+            run_id: the run to resume; the last run of this pipeline by default.
+            force: go on even if the pipeline's structure changed since.
+
+        Raises:
+            RunStoreError: no store, no such run, or the structure changed
+                (the message lists the differences) and ``force`` is false.
+        """
+        from pipeopt.errors import RunStoreError
+
+        store = self.store
+        if store is None:
+            raise RunStoreError("resume needs a run store; pass state_dir=")
+        compiled = pipeline.compile()
+        previous = store.resolve_run(run_id, pipeline=pipeline.name)
+        differences = store.structure_diff(previous, compiled)
+        if differences and not force:
+            listed = "; ".join(differences)
+            raise RunStoreError(
+                f"pipeline {pipeline.name!r} changed since run {previous}: {listed}; "
+                "use --force to resume anyway"
+            )
+        preloaded = store.load_results(previous, names=set(compiled.index))
+        return self.run(pipeline, _preloaded=preloaded, _resumed_from=previous)
+
+    def run(
+        self,
+        pipeline: Pipeline,
+        *,
+        run_id: str | None = None,
+        _preloaded: dict[str, object] | None = None,
+        _resumed_from: str | None = None,
+    ) -> RunResult:
         """Validate ``pipeline``, run every task, and return the outcome.
 
         The graph is checked before anything runs. Task failures do not
@@ -159,11 +214,25 @@ class PipelineOptimizer:
             aging_interval=self.aging_interval,
             rng=random.Random(self.seed),
         )
+        store = self.store
+        observer = (
+            store.begin_run(
+                run_id=run_id,
+                pipeline=pipeline.name,
+                compiled=compiled,
+                executor=self.executor.name,
+                workers=self.max_workers,
+                resumed_from=_resumed_from,
+            )
+            if store is not None
+            else None
+        )
         hooks = RunHooks(
             run_id=run_id,
             batchers={},
             batcher_factory=self._make_batcher,
             batch_observer=self.metrics.observe_batch,
+            observer=observer,
         )
         loop = RunLoop(
             core, self.executor, self.max_workers, hooks, interrupt_grace=self.interrupt_grace
@@ -181,7 +250,7 @@ class PipelineOptimizer:
         self.executor.start(self.max_workers)
         interrupted: BaseException | None = None
         try:
-            loop.run()
+            loop.run(_preloaded)
         except KeyboardInterrupt as exc:
             interrupted = exc
         finally:
@@ -202,6 +271,8 @@ class PipelineOptimizer:
             )
         with self._lock:
             self._status = status
+        if store is not None:
+            store.end_run(result)
         self.metrics.collector.run_finished(status.value)
         _log.info(
             "run %s of %r %s in %.3fs: %s",

@@ -37,14 +37,14 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeopt.context import ExecutionContext
 from pipeopt.errors import CircuitOpenError, TaskTimeoutError, UpstreamFailedError
-from pipeopt.executors.base import TaskCall, ThreadExecutor
+from pipeopt.executors.base import TaskCall
 from pipeopt.priority import LABELS, LeveledQueue
 from pipeopt.result import AttemptRecord, TaskOutcome, TaskState
 
@@ -68,6 +68,7 @@ class Attempt:
     cancel: threading.Event
     abandoned: bool = False
     future: Future[Any] | None = None
+    cache_key: str | None = None
 
 
 class SchedulerCore:
@@ -130,13 +131,36 @@ class SchedulerCore:
 
     # -- transitions -----------------------------------------------------
 
-    def start(self) -> None:
-        """Make every task without dependencies ready."""
+    def start(self, preloaded: Mapping[str, Any] | None = None) -> None:
+        """Make every task without dependencies ready.
+
+        Args:
+            preloaded: results of tasks that already succeeded (a resumed
+                run); those tasks are marked succeeded without running, with
+                zero attempts, and their dependents see the results.
+        """
+        if preloaded:
+            for name, value in preloaded.items():
+                i = self.compiled.index.get(name)
+                if i is None:
+                    continue
+                outcome = self.outcomes[i]
+                outcome.state = TaskState.SUCCEEDED
+                self.results[name] = value
+                self.finished += 1
+                self.completed.append(i)
+                for j in self.compiled.dependents[i]:
+                    self._remaining[j] -= 1
         for i in self.compiled.order:
-            if self._remaining[i] == 0:
+            if self._remaining[i] == 0 and self.outcomes[i].state is TaskState.PENDING:
                 self._make_ready(i)
-            else:
-                break
+
+    def cached(self, i: int, result: Any) -> int:
+        """Finish a running task with a result reused from the store; return tasks woken."""
+        woken = self.succeed(i, result, None)
+        self.outcomes[i].state = TaskState.CACHED
+        self.outcomes[i].attempts = 0
+        return woken
 
     def _make_ready(self, i: int) -> None:
         self.outcomes[i].state = TaskState.READY
@@ -191,13 +215,16 @@ class SchedulerCore:
             self.active += 1
             return i
 
-    def succeed(self, i: int, result: Any, record: AttemptRecord) -> int:
+    def succeed(self, i: int, result: Any, record: AttemptRecord | None) -> int:
         """Record a successful attempt; return how many tasks became ready."""
         outcome = self.outcomes[i]
-        outcome.attempt_history.append(record)
-        self.attempt_log.append((i, record.duration, False))
         outcome.state = TaskState.SUCCEEDED
-        outcome.finished_at = record.started_at + record.duration
+        if record is not None:
+            outcome.attempt_history.append(record)
+            self.attempt_log.append((i, record.duration, False))
+            outcome.finished_at = record.started_at + record.duration
+        else:
+            outcome.finished_at = time.time()
         outcome.error = None
         outcome.traceback = None
         self.results[outcome.name] = result
@@ -296,6 +323,24 @@ class SchedulerCore:
                 breaker.release()
 
 
+class RunObserver(Protocol):
+    """Receives a run's events, e.g. to record them in a run store.
+
+    ``attempt_finished`` and ``task_succeeded`` are called while the
+    scheduler's lock is held: implementations must only hand the event to a
+    background writer, never block.
+    """
+
+    def attempt_finished(self, task: str, record: AttemptRecord, state: TaskState) -> None:
+        """One attempt ended; ``state`` is the task's state after it."""
+
+    def task_succeeded(self, task: str, result: Any, cache_key: str | None) -> None:
+        """A task succeeded with ``result`` (persist it if allowed)."""
+
+    def cache_lookup(self, task: str, cache_key: str) -> tuple[bool, Any]:
+        """Return ``(True, result)`` if ``cache_key`` already succeeded, else ``(False, None)``."""
+
+
 @dataclass(slots=True)
 class RunHooks:
     """Per-run services the run loop passes into each attempt."""
@@ -304,6 +349,7 @@ class RunHooks:
     batchers: dict[str, Batcher]
     batcher_factory: Callable[[str], Batcher]
     batch_observer: Callable[[str, int, float], None] | None = None
+    observer: RunObserver | None = None
 
 
 class RunLoop:
@@ -344,11 +390,13 @@ class RunLoop:
 
     # -- the calling thread ------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, preloaded: Mapping[str, Any] | None = None) -> None:
         """Run the pipeline to the end; on ``KeyboardInterrupt`` stop cleanly and re-raise."""
         core = self.core
         with self.lock:
-            core.start()
+            core.start(preloaded)
+            if core.done:
+                return
         if self.executor.name == "sync":
             self._run_in_caller()
             return
@@ -510,6 +558,16 @@ class RunLoop:
                 compiled.levels[i],
                 task.timeout,
             )
+            observer = self.hooks.observer
+            if task.cache_key is not None and observer is not None:
+                key = attempt.cache_key = task.cache_key(**kwargs)
+                hit, cached_value = observer.cache_lookup(task.name, key)
+                if hit:
+                    with self.lock:
+                        if not attempt.abandoned:
+                            del self._running[i]
+                            self._finish_attempt(attempt, cached_value, None, None, cached=True)
+                    return
             if self.executor.inline:
                 context = self._context(i, attempt) if injection.wants_context else None
                 value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
@@ -536,14 +594,22 @@ class RunLoop:
         value: Any,
         error: BaseException | None,
         text: str | None,
+        *,
+        cached: bool = False,
     ) -> None:
         core = self.core
         now = self._clock()
+        i = attempt.index
         record = AttemptRecord(
             attempt.number, attempt.started_wall, now - attempt.started, error, text
         )
         if error is None:
-            woken = core.succeed(attempt.index, value, record)
+            woken = core.cached(i, value) if cached else core.succeed(i, value, record)
+            observer = self.hooks.observer
+            if observer is not None:
+                name = core.outcomes[i].name
+                observer.attempt_finished(name, record, core.outcomes[i].state)
+                observer.task_succeeded(name, value, attempt.cache_key)
             if woken > 1 and self._idle:
                 self._work.notify(woken - 1)
         elif isinstance(error, KeyboardInterrupt | SystemExit):
@@ -552,6 +618,9 @@ class RunLoop:
             self._work.notify_all()
         else:
             retried = core.fail(attempt.index, error, record, now)
+            if self.hooks.observer is not None:
+                outcome = core.outcomes[i]
+                self.hooks.observer.attempt_finished(outcome.name, record, outcome.state)
             if retried and self._idle:
                 self._work.notify()
             elif core.stopped:
@@ -586,4 +655,4 @@ class RunLoop:
         )
 
 
-__all__ = ["Attempt", "RunHooks", "RunLoop", "SchedulerCore", "ThreadExecutor"]
+__all__ = ["Attempt", "RunHooks", "RunLoop", "RunObserver", "SchedulerCore"]
