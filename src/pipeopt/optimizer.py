@@ -129,6 +129,7 @@ class PipelineOptimizer:
         self._pipeline_name: str | None = None
         self._started_at: float | None = None
         self._status: RunStatus | None = None
+        self._batchers: dict[str, Batcher] = {}
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -227,9 +228,10 @@ class PipelineOptimizer:
             if store is not None
             else None
         )
+        self._batchers = {}
         hooks = RunHooks(
             run_id=run_id,
-            batchers={},
+            batchers=self._batchers,
             batcher_factory=self._make_batcher,
             batch_observer=self.metrics.observe_batch,
             observer=observer,
@@ -293,6 +295,19 @@ class PipelineOptimizer:
             loop = self._loop
         if loop is not None:
             loop.interrupt(KeyboardInterrupt("interrupted"))
+
+    def batchers_of_last_run(self) -> dict[str, Batcher]:
+        """Return the batchers the tasks of the current (or last) run used, by task."""
+        return dict(self._batchers)
+
+    def progress(self) -> tuple[int, int, int, int]:
+        """Return ``(finished, total, active, failed)`` of the current run, cheaply."""
+        with self._lock:
+            loop = self._loop
+        if loop is None:
+            return (0, 0, 0, 0)
+        core = loop.core
+        return (core.finished, core.total, core.active, core.failures_total)
 
     def snapshot(self) -> RunSnapshot:
         """Return a consistent copy of the current (or last) run's state."""

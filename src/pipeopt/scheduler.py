@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeopt.context import ExecutionContext
 from pipeopt.errors import CircuitOpenError, TaskTimeoutError, UpstreamFailedError
-from pipeopt.executors.base import TaskCall
+from pipeopt.executors.base import TaskCall, close_thread_loop
 from pipeopt.priority import LABELS, LeveledQueue
 from pipeopt.result import AttemptRecord, TaskOutcome, TaskState
 
@@ -516,6 +516,7 @@ class RunLoop:
                     return
         finally:
             lock.release()
+            close_thread_loop()
 
     def _begin(self, i: int) -> Attempt:
         core = self.core

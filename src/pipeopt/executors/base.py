@@ -77,6 +77,14 @@ def _run_coroutine(awaitable: Any, timeout: float | None) -> Any:
     return runner.run(awaitable)
 
 
+def close_thread_loop() -> None:
+    """Close the calling thread's event loop for coroutine bodies, if it made one."""
+    runner: asyncio.Runner | None = getattr(_loops, "runner", None)
+    if runner is not None:
+        _loops.runner = None
+        runner.close()
+
+
 async def _collect_async(agen: Any) -> list[Any]:
     return [item async for item in agen]
 
