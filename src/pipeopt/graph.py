@@ -293,34 +293,52 @@ class Injection:
     kind: BodyKind
 
 
-def _injection(task: PipelineTask) -> Injection:
-    func = task.func
+# (name, kind, has default) per parameter; None for callables without a signature.
+_Params = tuple[tuple[str, inspect._ParameterKind, bool], ...] | None
+
+
+def _parameters(func: Callable[..., Any]) -> _Params:
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
+        return None
+    return tuple((p.name, p.kind, p.default is not p.empty) for p in signature.parameters.values())
+
+
+def _injection(
+    task: PipelineTask, cache: dict[Callable[..., Any], tuple[_Params, BodyKind]]
+) -> Injection:
+    func = task.func
+    try:
+        params, kind = cache[func]
+    except KeyError:
+        params, kind = cache[func] = (_parameters(func), _kind(func))
+    except TypeError:  # an unhashable callable
+        params, kind = _parameters(func), _kind(func)
+    if params is None:
         # Builtins without a signature get no injected arguments.
-        return Injection(False, (), (), _kind(func))
+        return Injection(False, (), (), kind)
     deps = task.dependency_names
     wants_context = False
     by_name: list[tuple[str, str]] = []
     var_kw = False
-    for param in signature.parameters.values():
-        if param.kind in (param.VAR_POSITIONAL,):
+    for name, param_kind, has_default in params:
+        if param_kind is inspect.Parameter.VAR_POSITIONAL:
             continue
-        if param.kind is param.VAR_KEYWORD:
+        if param_kind is inspect.Parameter.VAR_KEYWORD:
             var_kw = True
             continue
-        if param.kind is param.POSITIONAL_ONLY and param.default is param.empty:
-            raise TaskSignatureError(task.name, param.name, deps)
-        if param.name == "context":
+        if param_kind is inspect.Parameter.POSITIONAL_ONLY and not has_default:
+            raise TaskSignatureError(task.name, name, deps)
+        if name == "context":
             wants_context = True
-        elif param.name in deps:
-            by_name.append((param.name, param.name))
-        elif param.default is param.empty:
-            raise TaskSignatureError(task.name, param.name, deps)
+        elif name in deps:
+            by_name.append((name, name))
+        elif not has_default:
+            raise TaskSignatureError(task.name, name, deps)
     named = {dep for _, dep in by_name}
     rest = tuple(d for d in deps if d not in named) if var_kw else ()
-    return Injection(wants_context, tuple(by_name), rest, _kind(func))
+    return Injection(wants_context, tuple(by_name), rest, kind)
 
 
 def _kind(func: Callable[..., Any]) -> BodyKind:
@@ -370,7 +388,8 @@ class CompiledPipeline:
         self.order = self._toposort()
         self.levels = self._inherit_levels()
         self.critical_path = self._critical_path()
-        self.injections = [_injection(task) for task in tasks]
+        cache: dict[Callable[..., Any], tuple[_Params, BodyKind]] = {}
+        self.injections = [_injection(task, cache) for task in tasks]
         self.names = [task.name for task in tasks]
 
     def __len__(self) -> int:

@@ -159,14 +159,25 @@ class LeveledQueue(Generic[T]):
         """Remove and return the most urgent item, or ``None`` when empty."""
         if not self.size:
             return None
+        sizes = self._sizes
+        first = 0
+        while not sizes[first]:
+            first += 1
+        aging = self._aging
+        if aging is None or self.size == sizes[first]:
+            # Only one level holds items (or no aging): its heap head wins.
+            heap = self._heaps[first]
+            entry = heapq.heappop(heap)[2]
+            while not entry.alive:
+                entry = heapq.heappop(heap)[2]
+            self._taken(entry)
+            return entry.item
+        now = self._clock()
         best: _Entry[T] | None = None
         best_key: tuple[int, float, int] = (_LEVELS, 0.0, 0)
-        now = 0.0
-        nonempty = [level for level in range(_LEVELS) if self._sizes[level]]
-        aging = self._aging is not None and len(nonempty) > 1
-        if aging:
-            now = self._clock()
-        for level in nonempty:
+        for level in range(first, _LEVELS):
+            if not sizes[level]:
+                continue
             heap = self._heaps[level]
             while not heap[0][2].alive:
                 heapq.heappop(heap)
@@ -174,35 +185,32 @@ class LeveledQueue(Generic[T]):
             key = (level, head.rank, head.seq)
             if key < best_key:
                 best, best_key = head, key
-            if aging and level > best_key[0]:
+            if level > best_key[0]:
                 fifo = self._fifos[level]
                 while not fifo[0].alive:
                     fifo.popleft()
                 oldest = fifo[0]
-                waited_levels = int((now - oldest.enqueued_at) / self._aging)  # type: ignore[operator]
-                effective = max(0, level - waited_levels)
+                effective = max(0, level - int((now - oldest.enqueued_at) / aging))
                 key = (effective, oldest.rank, oldest.seq)
                 if key < best_key:
                     best, best_key = oldest, key
         assert best is not None
         if best_key[0] < best.level:
             self.promoted_total += 1
-        self._remove(best)
+        self._taken(best)
         return best.item
 
-    def _remove(self, entry: _Entry[T]) -> None:
+    def _taken(self, entry: _Entry[T]) -> None:
+        # Entries stay in the other structure, marked dead, until they reach its head.
         entry.alive = False
         level = entry.level
         self._sizes[level] -= 1
         self.size -= 1
         if level <= Criticality.CRITICAL:
             self.critical_backlog -= 1
-        heap = self._heaps[level]
-        while heap and not heap[0][2].alive:
-            heapq.heappop(heap)
-        fifo = self._fifos[level]
-        while fifo and not fifo[0].alive:
-            fifo.popleft()
+        if not self._sizes[level]:
+            self._heaps[level].clear()
+            self._fifos[level].clear()
 
     def drain(self) -> list[T]:
         """Remove and return every item, most urgent first (no aging applied)."""

@@ -44,7 +44,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeopt.context import ExecutionContext
 from pipeopt.errors import CircuitOpenError, TaskTimeoutError, UpstreamFailedError
-from pipeopt.executors.base import TaskCall, close_thread_loop
+from pipeopt.executors.base import (
+    SyncExecutor,
+    TaskCall,
+    ThreadExecutor,
+    close_thread_loop,
+    resolve_output,
+)
 from pipeopt.priority import LABELS, LeveledQueue
 from pipeopt.result import AttemptRecord, TaskOutcome, TaskState
 
@@ -54,21 +60,34 @@ if TYPE_CHECKING:
     from pipeopt.graph import CompiledPipeline
 
 _PARK_FOR_BUSY_BREAKER = 0.05  # re-check a half-open breaker whose trial slots are all taken
+_FAST_BODY_SECONDS = 50e-6  # bodies faster than this are claimed several at a time
+_FAST_CLAIM = 8
 
 
 @dataclass(slots=True)
 class Attempt:
-    """A running attempt: which task, its token, deadline and cancel flag."""
+    """One attempt of a task: its slot bookkeeping and, once it ran, its outcome."""
 
     index: int
     number: int
     started_wall: float
     started: float
     deadline: float | None
-    cancel: threading.Event
+    cancel: threading.Event | None = None
     abandoned: bool = False
     future: Future[Any] | None = None
     cache_key: str | None = None
+    value: Any = None
+    error: BaseException | None = None
+    text: str | None = None
+    cached: bool = False
+    ended: float = 0.0
+
+    def cancel_event(self) -> threading.Event:
+        """Return the attempt's cancel flag, made on first use."""
+        if self.cancel is None:
+            self.cancel = threading.Event()
+        return self.cancel
 
 
 class SchedulerCore:
@@ -214,6 +233,18 @@ class SchedulerCore:
             outcome.attempts += 1
             self.active += 1
             return i
+
+    def unclaim(self, i: int) -> None:
+        """Put a task taken by :meth:`next_task` but never started back in the queue."""
+        outcome = self.outcomes[i]
+        outcome.attempts -= 1
+        if outcome.attempts == 0:
+            outcome.started_at = None
+        self.active -= 1
+        breaker = self.compiled.tasks[i].circuit_breaker
+        if breaker is not None:
+            breaker.release()
+        self._make_ready(i)
 
     def succeed(self, i: int, result: Any, record: AttemptRecord | None) -> int:
         """Record a successful attempt; return how many tasks became ready."""
@@ -377,6 +408,8 @@ class RunLoop:
         self.max_workers = max_workers
         self.hooks = hooks
         self.interrupt_grace = interrupt_grace
+        # The built-in thread executors run bodies right here, without a TaskCall.
+        self._own_threads = type(executor) in (ThreadExecutor, SyncExecutor)
         self.lock = threading.Lock()
         self._work = threading.Condition(self.lock)
         self._main = threading.Condition(self.lock)
@@ -429,15 +462,16 @@ class RunLoop:
                 continue
             timeout = self.core.compiled.tasks[attempt.index].timeout
             assert timeout is not None
-            error = TaskTimeoutError(self.core.outcomes[attempt.index].name, timeout)
+            attempt.error = TaskTimeoutError(self.core.outcomes[attempt.index].name, timeout)
+            attempt.value, attempt.cached, attempt.ended = None, False, now
             self._abandon(attempt)
-            self._finish_attempt(attempt, None, error, None)
+            self._finish_attempt(attempt)
             # The stuck thread keeps running the body; a fresh one takes its slot.
             self._spawn_worker()
 
     def _abandon(self, attempt: Attempt) -> None:
         attempt.abandoned = True
-        attempt.cancel.set()
+        attempt.cancel_event().set()
         if attempt.future is not None:
             self.executor.cancel(attempt.future)
         del self._running[attempt.index]
@@ -448,7 +482,7 @@ class RunLoop:
         with self.lock:
             self.core.stop(reason)
             for attempt in self._running.values():
-                attempt.cancel.set()
+                attempt.cancel_event().set()
                 if attempt.future is not None:
                     self.executor.cancel(attempt.future)
             self._work.notify_all()
@@ -486,12 +520,22 @@ class RunLoop:
             if i is None:
                 time.sleep(wait)
                 continue
-            self._execute(attempt)
+            self._run_body(attempt)
+            with self.lock:
+                self._record(attempt)
 
     def _worker(self) -> None:
+        """Pull ready tasks until the run is over.
+
+        A worker whose bodies finish in microseconds claims several ready
+        tasks per lock acquisition (in priority order), so tiny tasks do not
+        spend their time fighting over the scheduler's lock; a worker with
+        slower bodies claims one at a time, which keeps the load balanced.
+        """
         core = self.core
         lock = self.lock
-        attempt: Attempt | None = None
+        clock = self._clock
+        claim = 1
         lock.acquire()
         try:
             while True:
@@ -499,20 +543,44 @@ class RunLoop:
                     self._main.notify()
                     self._work.notify_all()
                     return
-                i = core.next_task(self._clock())
+                i = core.next_task(clock())
                 if i is None:
                     due = core.next_due()
                     self._idle += 1
-                    self._work.wait(None if due is None else max(0.0, due - self._clock()))
+                    self._work.wait(None if due is None else max(0.0, due - clock()))
                     self._idle -= 1
                     continue
-                attempt = self._begin(i)
+                batch = [self._begin(i)]
+                if claim > 1 and core.ready_count >= claim * self.max_workers:
+                    while len(batch) < claim:
+                        j = core.next_task(clock())
+                        if j is None:
+                            break
+                        batch.append(self._begin(j))
                 lock.release()
+                ran = 0
+                slow = False
                 try:
-                    self._execute(attempt)
+                    for attempt in batch:
+                        self._run_body(attempt)
+                        ran += 1
+                        if attempt.ended - attempt.started > _FAST_BODY_SECONDS:
+                            slow = True
+                            break
                 finally:
                     lock.acquire()
-                if attempt.abandoned:
+                claim = 1 if slow else _FAST_CLAIM
+                abandoned = False
+                for attempt in batch[:ran]:
+                    abandoned |= attempt.abandoned
+                    self._record(attempt)
+                for attempt in batch[ran:]:
+                    # Claimed behind a body that turned out slow: let other workers have it.
+                    if not attempt.abandoned:
+                        del self._running[attempt.index]
+                        core.unclaim(attempt.index)
+                if abandoned:
+                    # A fresh worker took this slot when the attempt timed out.
                     return
         finally:
             lock.release()
@@ -527,28 +595,39 @@ class RunLoop:
         if outcome.started_at is None:
             outcome.started_at = wall
         deadline = now + task.timeout if task.timeout is not None else None
-        attempt = Attempt(i, outcome.attempts, wall, now, deadline, threading.Event())
+        attempt = Attempt(i, outcome.attempts, wall, now, deadline)
         self._running[i] = attempt
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), attempt))
             self._main.notify()
         return attempt
 
-    def _execute(self, attempt: Attempt) -> None:
-        """Run one attempt outside the lock, then record it under the lock."""
+    def _run_body(self, attempt: Attempt) -> None:
+        """Run one attempt outside the lock, keeping its value or error on ``attempt``."""
         core = self.core
         i = attempt.index
         compiled = core.compiled
         task = compiled.tasks[i]
-        value: Any = None
-        error: BaseException | None = None
-        text: str | None = None
+        attempt.started = self._clock()
         try:
             injection = compiled.injections[i]
             results = core.results
             kwargs = {param: results[dep] for param, dep in injection.by_name}
             for dep in injection.rest_as_kwargs:
                 kwargs[dep] = results[dep]
+            observer = self.hooks.observer
+            if task.cache_key is not None and observer is not None:
+                key = attempt.cache_key = task.cache_key(**kwargs)
+                hit, cached_value = observer.cache_lookup(task.name, key)
+                if hit:
+                    attempt.value, attempt.cached = cached_value, True
+                    return
+            if self._own_threads:
+                if injection.wants_context:
+                    kwargs["context"] = self._context(i, attempt)
+                out = task.func(**kwargs)
+                attempt.value = resolve_output(out, injection.kind, task.timeout)
+                return
             call = TaskCall(
                 task.name,
                 task.func,
@@ -559,53 +638,45 @@ class RunLoop:
                 compiled.levels[i],
                 task.timeout,
             )
-            observer = self.hooks.observer
-            if task.cache_key is not None and observer is not None:
-                key = attempt.cache_key = task.cache_key(**kwargs)
-                hit, cached_value = observer.cache_lookup(task.name, key)
-                if hit:
-                    with self.lock:
-                        if not attempt.abandoned:
-                            del self._running[i]
-                            self._finish_attempt(attempt, cached_value, None, None, cached=True)
-                    return
             if self.executor.inline:
                 context = self._context(i, attempt) if injection.wants_context else None
-                value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
+                attempt.value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
             else:
                 future = self.executor.submit(call, self._context(i, attempt))
                 attempt.future = future
-                value = future.result()
+                attempt.value = future.result()
         except BaseException as exc:
-            error = exc
-            text = traceback.format_exc()
+            error: BaseException = exc
+            attempt.text = traceback.format_exc()
             if isinstance(exc, TimeoutError) and task.timeout is not None:
                 # asyncio.wait_for and executors report a timeout as TimeoutError.
                 error = TaskTimeoutError(task.name, task.timeout)
                 error.__cause__ = exc
-        with self.lock:
-            if attempt.abandoned:
-                return
-            del self._running[i]
-            self._finish_attempt(attempt, value, error, text)
+            attempt.error = error
+        finally:
+            attempt.ended = self._clock()
 
-    def _finish_attempt(
-        self,
-        attempt: Attempt,
-        value: Any,
-        error: BaseException | None,
-        text: str | None,
-        *,
-        cached: bool = False,
-    ) -> None:
+    def _record(self, attempt: Attempt) -> None:
+        """Record a finished attempt (caller holds the lock); ignore abandoned ones."""
+        if attempt.abandoned:
+            return
+        del self._running[attempt.index]
+        self._finish_attempt(attempt)
+
+    def _finish_attempt(self, attempt: Attempt) -> None:
         core = self.core
         now = self._clock()
         i = attempt.index
+        error, value = attempt.error, attempt.value
         record = AttemptRecord(
-            attempt.number, attempt.started_wall, now - attempt.started, error, text
+            attempt.number,
+            attempt.started_wall,
+            attempt.ended - attempt.started,
+            error,
+            attempt.text,
         )
         if error is None:
-            woken = core.cached(i, value) if cached else core.succeed(i, value, record)
+            woken = core.cached(i, value) if attempt.cached else core.succeed(i, value, record)
             observer = self.hooks.observer
             if observer is not None:
                 name = core.outcomes[i].name
@@ -651,7 +722,7 @@ class RunLoop:
             results=core.results,
             batcher_factory=batcher,
             custom_metrics=core.outcomes[i].custom_metrics,
-            cancelled=attempt.cancel,
+            cancelled=attempt.cancel_event(),
             batch_observer=hooks.batch_observer,
         )
 

@@ -89,23 +89,32 @@ async def _collect_async(agen: Any) -> list[Any]:
     return [item async for item in agen]
 
 
-def invoke(call: TaskCall, context: ExecutionContext | None) -> Any:
-    """Run one task body in the calling thread and return its result.
+_PLAIN = (type(None), int, float, str, bytes, list, dict, tuple, set, bool)
 
-    Coroutine bodies run on a per-thread event loop, cancelled for real at
-    their timeout; generator bodies are drained into a list.
+
+def resolve_output(out: Any, kind: BodyKind, timeout: float | None) -> Any:
+    """Turn what a body returned into its result.
+
+    Generators are drained into a list; coroutines and async generators run
+    on the calling thread's event loop, cancelled for real at ``timeout``.
     """
+    if type(out) in _PLAIN and kind == "function":
+        return out
+    if kind == "generator" or inspect.isgenerator(out):
+        return list(out)
+    if kind == "async_generator" or inspect.isasyncgen(out):
+        return _run_coroutine(_collect_async(out), timeout)
+    if inspect.isawaitable(out):
+        return _run_coroutine(out, timeout)
+    return out
+
+
+def invoke(call: TaskCall, context: ExecutionContext | None) -> Any:
+    """Run one task body in the calling thread and return its result."""
     kwargs = call.kwargs
     if call.wants_context:
         kwargs = {**kwargs, "context": context}
-    out = call.func(**kwargs)
-    if call.kind == "generator" or (call.kind == "function" and inspect.isgenerator(out)):
-        return list(out)
-    if call.kind == "async_generator" or inspect.isasyncgen(out):
-        return _run_coroutine(_collect_async(out), call.timeout)
-    if inspect.isawaitable(out):
-        return _run_coroutine(out, call.timeout)
-    return out
+    return resolve_output(call.func(**kwargs), call.kind, call.timeout)
 
 
 class ThreadExecutor:
