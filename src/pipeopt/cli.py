@@ -179,7 +179,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        # Logs and pipes have no width to fit: keep error texts on one line.
+        console = Console(stderr=stderr, highlight=False, width=200)
+    return console
 
 
 def run_with_progress(
