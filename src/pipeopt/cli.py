@@ -213,6 +213,8 @@ def run_with_progress(
 
     watcher = threading.Thread(target=refresh, name="pipeopt-progress", daemon=True)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell's `cmd &` starts us with SIGINT ignored; Ctrl-C must still stop the run.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     code = EXIT_OK
     try:
         with progress:
@@ -227,6 +229,7 @@ def run_with_progress(
                 watcher.join()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     if code == EXIT_OK and not result.ok:
         code = EXIT_FAILED
     return result, code
