@@ -95,9 +95,8 @@ class PipelineCollector(Collector):
             self._seen_attempts = self._seen_retries = self._seen_completed = 0
 
     def run_finished(self, status: str) -> None:
-        """Count a finished run by status."""
+        """Count a finished run by status (its logs are folded at the next scrape)."""
         with self._lock:
-            self._fold()
             self._runs[status] = self._runs.get(status, 0) + 1
 
     def _fold(self) -> None:

