@@ -551,6 +551,8 @@ class RunLoop:
                     return
                 i = core.next_task(clock())
                 if i is None:
+                    if core.done or core.stopped:
+                        continue  # next_task itself failed the last tasks (open breaker)
                     due = core.next_due()
                     self._idle += 1
                     self._work.wait(None if due is None else max(0.0, due - clock()))
