@@ -19,6 +19,7 @@ and read the :class:`RunResult`::
     assert result.results["load"] == 6
 """
 
+from pipeopt.breaker import BreakerState, CircuitBreaker
 from pipeopt.context import ExecutionContext
 from pipeopt.errors import (
     CircuitOpenError,
@@ -40,11 +41,14 @@ from pipeopt.graph import Pipeline, PipelineTask
 from pipeopt.optimizer import PipelineOptimizer
 from pipeopt.priority import LABELS, Criticality, PriorityJobQueue
 from pipeopt.result import RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
+from pipeopt.retry import RetryPolicy, retry_with_backoff
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LABELS",
+    "BreakerState",
+    "CircuitBreaker",
     "CircuitOpenError",
     "Criticality",
     "CycleError",
@@ -59,6 +63,7 @@ __all__ = [
     "PipeoptError",
     "PriorityJobQueue",
     "RetryError",
+    "RetryPolicy",
     "RunResult",
     "RunSnapshot",
     "RunStatus",
@@ -70,4 +75,5 @@ __all__ = [
     "UnknownCriticalityError",
     "UnknownDependencyError",
     "UpstreamFailedError",
+    "retry_with_backoff",
 ]

@@ -169,7 +169,12 @@ class CircuitOpenError(PipeoptError, RuntimeError):
     def __init__(self, breaker: str, retry_after: float) -> None:
         self.breaker = breaker
         self.retry_after = retry_after
-        super().__init__(f"circuit breaker {breaker!r} is open; next trial in {retry_after:.3g}s")
+        when = (
+            "after a running trial call ends"
+            if retry_after == float("inf")
+            else f"in {retry_after:.3g}s"
+        )
+        super().__init__(f"circuit breaker {breaker!r} is open; next trial {when}")
 
 
 class SinkError(PipeoptError, RuntimeError):
