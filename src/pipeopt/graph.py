@@ -18,6 +18,7 @@ have a default.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -309,10 +310,14 @@ def _injection(
     task: PipelineTask, cache: dict[Callable[..., Any], tuple[_Params, BodyKind]]
 ) -> Injection:
     func = task.func
+    key: Any = func
+    if type(func) is functools.partial:
+        # Every partial is a new object; its signature follows from what it wraps.
+        key = (func.func, len(func.args), tuple(func.keywords))
     try:
-        params, kind = cache[func]
+        params, kind = cache[key]
     except KeyError:
-        params, kind = cache[func] = (_parameters(func), _kind(func))
+        params, kind = cache[key] = (_parameters(func), _kind(func))
     except TypeError:  # an unhashable callable
         params, kind = _parameters(func), _kind(func)
     if params is None:
@@ -370,16 +375,14 @@ class CompiledPipeline:
         self.name = name
         self.tasks = tasks
         self.index = {task.name: i for i, task in enumerate(tasks)}
-        self.dependencies: list[tuple[int, ...]] = []
-        for task in tasks:
-            deps: list[int] = []
-            for dep in task.dependency_names:
-                found = self.index.get(dep)
-                if found is None:
-                    close = difflib.get_close_matches(dep, list(self.index), n=1, cutoff=0.6)
-                    raise UnknownDependencyError(task.name, dep, close[0] if close else None)
-                deps.append(found)
-            self.dependencies.append(tuple(deps))
+        index = self.index
+        try:
+            self.dependencies: list[tuple[int, ...]] = [
+                tuple([index[dep] for dep in task.dependency_names]) for task in tasks
+            ]
+        except KeyError:
+            self._raise_unknown_dependency()
+            raise
         dependents: list[list[int]] = [[] for _ in tasks]
         for i, deps_i in enumerate(self.dependencies):
             for d in deps_i:
@@ -394,6 +397,13 @@ class CompiledPipeline:
 
     def __len__(self) -> int:
         return len(self.tasks)
+
+    def _raise_unknown_dependency(self) -> None:
+        for task in self.tasks:
+            for dep in task.dependency_names:
+                if dep not in self.index:
+                    close = difflib.get_close_matches(dep, list(self.index), n=1, cutoff=0.6)
+                    raise UnknownDependencyError(task.name, dep, close[0] if close else None)
 
     def _toposort(self) -> list[int]:
         remaining = [len(d) for d in self.dependencies]
@@ -426,17 +436,22 @@ class CompiledPipeline:
 
     def _inherit_levels(self) -> list[int]:
         levels = [int(parse_criticality(task.criticality)) for task in self.tasks]
+        dependents = self.dependents
         for i in reversed(self.order):
-            for j in self.dependents[i]:
-                levels[i] = min(levels[i], levels[j])
+            below = dependents[i]
+            if below:
+                levels[i] = min(levels[i], *[levels[j] for j in below])
         return levels
 
     def _critical_path(self) -> list[float]:
-        cost = [expected_cost(task) for task in self.tasks]
-        path = [0.0] * len(self.tasks)
+        path = [expected_cost(task) for task in self.tasks]
+        dependents = self.dependents
         for i in reversed(self.order):
-            below = max((path[j] for j in self.dependents[i]), default=0.0)
-            path[i] = cost[i] + below
+            below = dependents[i]
+            if len(below) == 1:
+                path[i] += path[below[0]]
+            elif below:
+                path[i] += max([path[j] for j in below])
         return path
 
     def longest_path(self) -> float:

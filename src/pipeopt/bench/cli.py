@@ -1,0 +1,345 @@
+"""``pipeopt bench``: run the benchmark suite from the command line.
+
+Usage::
+
+    pipeopt bench [--workload NAME ...] [--workers N] [--repeat K] [--out FILE]
+                  [--png FILE] [--compare dask,threadpool] [--check BASELINE.json]
+                  [--tolerance 0.15] [--seed S] [--scale X] [--quick]
+
+It runs each workload sequentially (``max_workers=1``) and optimized
+(``--workers``, 8 by default), ``--repeat`` times each (5; 1 with
+``--quick``), and with ``--compare`` through the peers too, in the same
+process run. A progress display runs on stderr, a summary table goes to
+stdout, and the report is written to ``--out``
+(``pipeline_optimizer_benchmarks.json``; schema in
+:mod:`pipeopt.bench.report`) and, with ``--png``, drawn as a chart.
+
+Exit codes: 0 done (and no regression), 1 ``--check`` found a regression
+(or a workload failed), 2 bad usage, reported as one line on stderr.
+
+Regression checks in CI
+    ``--check BASELINE.json`` compares this run's *ratios* with the
+    baseline's, never absolute times: the speedup over sequential and each
+    peer ratio must not fall below ``baseline × (1 − tolerance)``, and
+    makespan / lower bound must not rise above ``baseline × (1 + tolerance)``.
+    Ratios are measured within one process run, sequential and optimized
+    runs alternating, so a slower or busier CI machine moves both sides
+    alike. To keep the check free of timing flakiness:
+
+    * commit a baseline produced on the same kind of runner, e.g.
+      ``pipeopt bench --workload io --repeat 5 --out bench-baseline.json``;
+    * check with the sleep-based ``io`` workload, whose ratios do not depend
+      on CPU speed: ``pipeopt bench --workload io --repeat 5 --check
+      bench-baseline.json``; the CPU-bound workloads depend on how many
+      cores the runner really has to spare;
+    * use ``--repeat 5`` or more (medians) and keep ``--tolerance`` at
+      0.15 or above on shared runners;
+    * run it as its own CI job, not beside the test suite, so other jobs do
+      not compete for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pipeopt.bench.report import BenchmarkReport
+
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+QUICK_SCALE = 0.25
+DEFAULT_REPEAT, QUICK_REPEAT = 5, 1
+
+
+class BenchUsageError(Exception):
+    """Bad ``pipeopt bench`` input: printed as one line, exit code 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``."""
+    from pipeopt.bench.report import DEFAULT_JSON
+    from pipeopt.bench.workloads import BUILTIN_WORKLOADS
+
+    names = ", ".join(BUILTIN_WORKLOADS)
+    parser.add_argument(
+        "--workload",
+        dest="workloads",
+        metavar="NAME",
+        nargs="+",
+        action="extend",
+        help=f"workloads to run (default: all of {names})",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=8, metavar="N", help="workers of the optimized runs (8)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=None, metavar="K", help="runs per mode; medians (5)"
+    )
+    parser.add_argument(
+        "--out", default=DEFAULT_JSON, metavar="FILE", help=f"JSON report ({DEFAULT_JSON})"
+    )
+    parser.add_argument("--png", default=None, metavar="FILE", help="also draw a PNG chart")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="PEERS",
+        help="run peers too: threadpool, dask (threaded and distributed), "
+        "dask-threaded, dask-distributed; comma-separated",
+    )
+    parser.add_argument(
+        "--check",
+        default=None,
+        metavar="BASELINE.json",
+        help="exit 1 if a ratio regressed against this earlier report",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.15,
+        metavar="F",
+        help="relative slack of --check, 0 <= F < 1 (0.15)",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="workload seed (0)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        metavar="X",
+        help=f"multiply the workloads' size (1; {QUICK_SCALE} with --quick)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller workloads, one repetition (~10 s)"
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``bench`` on an ``argparse`` subparsers object (``run`` as ``func``)."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark sequential vs optimized runs (and peers)",
+        description="Run the benchmark suite: sequential vs optimized runs, and peers.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``pipeopt bench`` with parsed ``args`` and return the exit code."""
+    try:
+        return _run(args)
+    except BenchUsageError as exc:
+        print(f"pipeopt bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _WorkloadFailed as exc:
+        print(f"pipeopt bench: {exc}", file=sys.stderr)
+        return EXIT_REGRESSION
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeopt.bench.report import BenchmarkReport
+    from pipeopt.bench.suite import BenchmarkSuite, parse_peers
+    from pipeopt.bench.workloads import BUILTIN_WORKLOADS
+
+    workloads = list(dict.fromkeys(args.workloads or BUILTIN_WORKLOADS))
+    for name in workloads:
+        if name not in BUILTIN_WORKLOADS:
+            raise BenchUsageError(
+                f"unknown workload {name!r}; choose from {', '.join(BUILTIN_WORKLOADS)}"
+            )
+    if args.workers < 2:
+        raise BenchUsageError(f"--workers must be an integer >= 2, got {args.workers}")
+    repeat = (
+        args.repeat if args.repeat is not None else (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    )
+    if repeat < 1:
+        raise BenchUsageError(f"--repeat must be an integer >= 1, got {repeat}")
+    scale = args.scale if args.scale is not None else (QUICK_SCALE if args.quick else 1.0)
+    if not math.isfinite(scale) or not 0 < scale <= 100:
+        raise BenchUsageError(f"--scale must be a number > 0 and <= 100, got {scale}")
+    if not math.isfinite(args.tolerance) or not 0 <= args.tolerance < 1:
+        raise BenchUsageError(f"--tolerance must be >= 0 and < 1, got {args.tolerance}")
+    try:
+        peers = parse_peers(args.compare or "")
+    except ValueError as exc:
+        raise BenchUsageError(f"--compare: {exc}") from None
+    if args.compare is not None and not peers:
+        raise BenchUsageError("--compare needs at least one peer, e.g. --compare dask,threadpool")
+    if any(p.startswith("dask") for p in peers) and not _has_module("dask"):
+        raise BenchUsageError("--compare dask needs dask: pip install 'pipeopt[dask]'")
+    if "dask-distributed" in peers and not _has_module("distributed"):
+        raise BenchUsageError(
+            "--compare dask-distributed needs distributed: pip install 'pipeopt[dask]'"
+        )
+    if args.png and not _has_module("matplotlib"):
+        raise BenchUsageError("--png needs matplotlib: pip install 'pipeopt[bench]'")
+    for option, value in (("--out", args.out), ("--png", args.png)):
+        if value and not Path(value).expanduser().resolve().parent.is_dir():
+            raise BenchUsageError(f"{option}: no such directory for {value}")
+    baseline: BenchmarkReport | None = None
+    if args.check:
+        try:
+            baseline = BenchmarkReport.read_json(args.check)
+        except OSError as exc:
+            raise BenchUsageError(f"--check: cannot read {args.check}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise BenchUsageError(f"--check: {exc}") from None
+        common = {w.workload for w in baseline.workloads} & set(workloads)
+        if not common:
+            raise BenchUsageError(
+                f"--check: {args.check} has none of the workloads run ({', '.join(workloads)})"
+            )
+
+    suite = BenchmarkSuite(
+        workers=args.workers, repetitions=repeat, seed=args.seed, scale=scale, peers=peers
+    )
+    console = _console(stderr=False)
+    report = _run_with_progress(suite, workloads)
+    console.print(summary_table(report))
+    if args.out:
+        report.write_json(args.out)
+        console.print(f"wrote {args.out}")
+    if args.png:
+        report.write_png(args.png)
+        console.print(f"wrote {args.png}")
+    if baseline is not None:
+        regressions = report.check(baseline, args.tolerance)
+        if regressions:
+            err = _console(stderr=True)
+            err.print(
+                f"[bold red]{len(regressions)} regression(s)[/] against {args.check} "
+                f"(tolerance {args.tolerance:.0%}):",
+                highlight=False,
+            )
+            for item in regressions:
+                err.print(f"  {item}", highlight=False, markup=False)
+            return EXIT_REGRESSION
+        console.print(
+            f"no ratio regressed beyond {args.tolerance:.0%} against {args.check}",
+            highlight=False,
+        )
+    return EXIT_OK
+
+
+def _run_with_progress(suite: Any, workloads: Sequence[str]) -> BenchmarkReport:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def update(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=label)
+
+        try:
+            report: BenchmarkReport = suite.run(workloads, progress=update)
+        except RuntimeError as exc:
+            progress.stop()
+            raise _WorkloadFailed(str(exc)) from exc
+    return report
+
+
+class _WorkloadFailed(Exception):
+    """A benchmark pipeline did not succeed: printed as one line, exit code 1."""
+
+
+def summary_table(report: BenchmarkReport) -> Any:
+    """Return a ``rich`` table of the report: medians, ratios, bounds, and peers."""
+    from rich.console import Group
+    from rich.table import Table
+
+    settings = report.settings
+    table = Table(
+        title=f"pipeopt bench: {settings.get('workers', '?')} workers, "
+        f"{report.cpu_count} CPUs, median of {settings.get('repetitions', '?')}",
+        caption="gain = 1 - optimized/sequential; bound = max(critical path, "
+        "work/workers, CPU work/cores)",
+    )
+    for header in ("workload", "tasks", "sequential", "optimized", "gain", "speedup", "/bound"):
+        table.add_column(header, justify="left" if header == "workload" else "right")
+    for w in report.workloads:
+        bound = w.makespan_over_bound
+        table.add_row(
+            f"{w.workload} ({w.executor})",
+            str(w.tasks),
+            f"{w.sequential_s:.3f} s",
+            f"{w.optimized_s:.3f} s",
+            f"{w.improvement_pct:.1f}%",
+            f"{w.speedup:.2f}×",
+            "-" if bound is None else f"{bound:.3f}",
+        )
+    if not report.peers:
+        return table
+    peers = Table(
+        title="peers: median time (peer / pipeopt)",
+        caption="> 1 means pipeopt is faster",
+    )
+    peers.add_column("workload")
+    peers.add_column("pipeopt", justify="right")
+    for peer in report.peers:
+        peers.add_column(peer, justify="right")
+    for w in report.workloads:
+        cells = [w.workload, f"{w.optimized_s:.3f} s"]
+        for peer in report.peers:
+            if peer in w.peers:
+                cells.append(f"{w.peers[peer].median_s:.3f} s ({w.peer_ratio(peer):.2f})")
+            else:
+                cells.append("-")
+        peers.add_row(*cells)
+    return Group(table, peers)
+
+
+def _console(*, stderr: bool) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise BenchUsageError(f"{message} (see --help)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m pipeopt.bench.cli [options]`` and return the exit code."""
+    parser = _Parser(prog="pipeopt bench", description=__doc__.split("\n", 1)[0])
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except BenchUsageError as exc:
+        print(f"pipeopt bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("pipeopt bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
