@@ -187,7 +187,11 @@ def _console(stderr: bool = False) -> Console:
 
 
 def run_with_progress(
-    optimizer: PipelineOptimizer, pipeline: Pipeline, *, quiet: bool = False
+    optimizer: PipelineOptimizer,
+    pipeline: Pipeline,
+    *,
+    quiet: bool = False,
+    run_id: str | None = None,
 ) -> tuple[RunResult, int]:
     """Run ``pipeline`` with a live progress bar; return the result and the exit code."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -220,7 +224,7 @@ def run_with_progress(
         with progress:
             watcher.start()
             try:
-                result = optimizer.run(pipeline)
+                result = optimizer.run(pipeline, run_id=run_id)
             except KeyboardInterrupt as exc:
                 result = exc.result  # type: ignore[attr-defined]
                 code = EXIT_SIGTERM if isinstance(exc, _Terminated) else EXIT_SIGINT
@@ -244,7 +248,8 @@ def print_summary(result: RunResult, console: Console | None = None, *, limit: i
     if len(outcomes) > limit:
         notable = [o for o in outcomes if o.state.value not in ("succeeded", "cached")]
         outcomes = notable[:limit]
-    table = Table(title=f"{result.pipeline} — run {result.run_id}", title_justify="left")
+    title = _escape(f"{result.pipeline} — run {result.run_id}")
+    table = Table(title=title, title_justify="left")
     for column in ("task", "criticality", "state", "attempts", "duration", "error"):
         table.add_column(column, overflow="fold")
     styles = {"succeeded": "green", "failed": "red", "skipped": "yellow", "cancelled": "magenta"}
@@ -330,7 +335,7 @@ def _state_dir(args: argparse.Namespace) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a pipeline file with a progress display and a summary."""
-    from pipeopt.optimizer import PipelineOptimizer
+    from pipeopt.optimizer import PipelineOptimizer, new_run_id
 
     pipeline = load_pipeline(args.pipeline)
     pipeline.validate()
@@ -344,11 +349,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     dashboard = start_dashboard(optimizer, args) if args.dashboard else None
+    run_id = new_run_id()
+    store = optimizer.store
+    if store is not None:
+        # Recorded before the run starts, so `pipeopt resume` works even after a kill -9.
+        path, name = _split_ref(args.pipeline)
+        source = str(path.resolve()) + (f":{name}" if name else "")
+        store.set_source(run_id, source)
     try:
-        result, code = run_with_progress(optimizer, pipeline, quiet=args.json)
-        store = optimizer.store
-        if store is not None and hasattr(store, "set_source"):
-            store.set_source(result.run_id, args.pipeline)
+        result, code = run_with_progress(optimizer, pipeline, quiet=args.json, run_id=run_id)
         if args.json:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         else:
@@ -360,14 +369,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if dashboard is not None:
             dashboard.stop_in_thread()
+        optimizer.close()
 
 
 def _executor(args: argparse.Namespace) -> Any:
     if args.executor == "dask":
-        from pipeopt.executors import by_name  # type: ignore[attr-defined]
+        from pipeopt.executors import by_name
 
         if args.dask_address:
-            from pipeopt.executors.dask import DaskExecutor  # type: ignore[import-not-found]
+            from pipeopt.executors.dask import DaskExecutor
 
             return DaskExecutor(address=args.dask_address)
         return by_name("dask")

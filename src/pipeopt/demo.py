@@ -91,7 +91,8 @@ def build_demo_pipeline(database: str | Path, *, chunk_size: int = 50_000) -> Pi
         for chunk in read_csv_chunks(data_dir() / "flights.csv.zip", chunk_size):
             chunks.append(chunk)
             context.record_custom_metric("rows_read", sum(len(c) for c in chunks))
-        return pd.concat(chunks, ignore_index=True)
+        frame: pd.DataFrame = pd.concat(chunks, ignore_index=True)
+        return frame
 
     @p.task(criticality="medium")
     def extract_airlines() -> pd.DataFrame:
@@ -232,8 +233,10 @@ def build_demo_pipeline(database: str | Path, *, chunk_size: int = 50_000) -> Pi
     def publish_report(carrier_kpis: pd.DataFrame) -> list[dict[str, Any]]:
         """The report the business waits for: carriers by on-time rate."""
         columns = ["carrier", "name", "flights", "on_time_pct", "cancelled"]
-        records: list[dict[str, Any]] = carrier_kpis[columns].to_dict("records")
-        return records
+        return [
+            {str(key): value for key, value in row.items()}
+            for row in carrier_kpis[columns].to_dict("records")
+        ]
 
     return p
 

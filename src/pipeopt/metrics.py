@@ -193,8 +193,8 @@ class PipelineCollector(Collector):
                 "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
                 labels=["breaker"],
             )
-            for name, value in breakers.items():
-                state.add_metric([name], value)
+            for name, code in breakers.items():
+                state.add_metric([name], code)
             yield state
             custom_family = GaugeMetricFamily(
                 "pipeline_task_custom_metric",

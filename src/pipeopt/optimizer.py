@@ -130,8 +130,9 @@ class PipelineOptimizer:
         seed: seeds the retry jitter, for reproducible runs.
         interrupt_grace: seconds an interrupt waits for running bodies.
         state_dir: folder of the run store (a SQLite file) that records runs
-            for ``history``, ``resume`` and ``cache_key``; ``None`` (the
-            library default) records nothing. The CLI uses ``.pipeopt``.
+            for ``history``, ``resume`` and ``cache_key``, or a
+            :class:`~pipeopt.store.RunStore`; ``None`` (the library default)
+            records nothing. The CLI uses ``.pipeopt``.
         tune_gc: during runs of 1,000 tasks or more, freeze the objects that
             exist at the start and raise the garbage collector's young
             threshold (restored when the run ends); scheduling 100,000 tiny
@@ -150,7 +151,7 @@ class PipelineOptimizer:
         batcher_factory: Callable[[str], Batcher] | None = None,
         seed: int | None = None,
         interrupt_grace: float = 1.0,
-        state_dir: str | os.PathLike[str] | None = None,
+        state_dir: str | os.PathLike[str] | RunStore | None = None,
         tune_gc: bool = True,
     ) -> None:
         self.max_workers = (
@@ -201,8 +202,23 @@ class PipelineOptimizer:
         if self._store is None:
             from pipeopt.store import RunStore
 
-            self._store = RunStore(self.state_dir)
+            if isinstance(self.state_dir, RunStore):
+                self._store = self.state_dir
+            else:
+                self._store = RunStore(self.state_dir)
         return self._store
+
+    def close(self) -> None:
+        """Close the run store, if one was opened; the optimizer can still run again."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> PipelineOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def resume(
         self, pipeline: Pipeline, run_id: str | None = None, *, force: bool = False
@@ -336,7 +352,13 @@ class PipelineOptimizer:
         with self._lock:
             self._status = status
         if store is not None:
-            store.end_run(result)
+            from pipeopt.errors import RunStoreError
+
+            try:
+                store.end_run(result)
+            except RunStoreError as exc:
+                # The run itself is over and its result is whole; only its record failed.
+                _log.error("run %s finished but could not be recorded: %s", run_id, exc)
         self.metrics.collector.run_finished(status.value)
         _log.info(
             "run %s of %r %s in %.3fs: %s",

@@ -530,6 +530,9 @@ class RunLoop:
             with self.lock:
                 self._record(attempt)
 
+    def _over(self) -> bool:
+        return self.core.done or self.core.stopped
+
     def _worker(self) -> None:
         """Pull ready tasks until the run is over.
 
@@ -545,13 +548,13 @@ class RunLoop:
         lock.acquire()
         try:
             while True:
-                if core.done or core.stopped:
+                if self._over():
                     self._main.notify()
                     self._work.notify_all()
                     return
                 i = core.next_task(clock())
                 if i is None:
-                    if core.done or core.stopped:
+                    if self._over():
                         continue  # next_task itself failed the last tasks (open breaker)
                     due = core.next_due()
                     self._idle += 1
