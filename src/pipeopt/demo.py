@@ -204,6 +204,9 @@ def build_demo_pipeline(database: str | Path, *, chunk_size: int = 50_000) -> Pi
             "rows_written": report.rows_written,
             "rows_dead_lettered": report.rows_dead_lettered,
             "batches": report.batches,
+            "min_batch": report.min_batch_size,
+            "median_batch": report.median_batch_size,
+            "max_batch": report.max_batch_size,
         }
 
     @p.task(dependencies=[carrier_kpis, route_stats, weather_impact, fleet_age], criticality="high")
@@ -243,14 +246,19 @@ def build_demo_pipeline(database: str | Path, *, chunk_size: int = 50_000) -> Pi
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo from the command line; return the exit code."""
-    from rich.console import Console
     from rich.table import Table
 
     from pipeopt.batching import AdaptiveBatcher
-    from pipeopt.cli import print_summary, run_with_progress, start_dashboard, wait_for_exit
+    from pipeopt.cli import (
+        _console,
+        print_summary,
+        run_with_progress,
+        start_dashboard,
+        wait_for_exit,
+    )
     from pipeopt.optimizer import PipelineOptimizer
 
-    console = Console(highlight=False)
+    console = _console()
     database = Path(args.database)
     pipeline = build_demo_pipeline(database)
     optimizer = PipelineOptimizer(
@@ -267,15 +275,20 @@ def run_demo(args: argparse.Namespace) -> int:
         if result.ok:
             load = result.results["load_flights"]
             batcher = optimizer.batchers_of_last_run().get("load_flights")
-            sizes = ""
-            if batcher is not None:
-                stats = batcher.statistics()
-                sizes = f", final batch size {stats.current_size}"
             console.print(
                 f"loaded {load['rows_written']:,} flights into {database} in "
-                f"{load['batches']} batches{sizes}; "
+                f"{load['batches']} batches (sizes {load['min_batch']:,}–{load['max_batch']:,}, "
+                f"median {load['median_batch']:,.0f}); "
                 f"{load['rows_dead_lettered']} rows dead-lettered to flights_dead_letter"
             )
+            if batcher is not None:
+                stats = batcher.statistics()
+                slo_ms = args.latency_slo * 1000
+                console.print(
+                    f"adaptive batching: SLO {slo_ms:.0f} ms, next size {stats.current_size:,}, "
+                    f"{stats.batches_over_slo} of {stats.batches} batches over the SLO; "
+                    f"{stats.last_decision}"
+                )
             marts = result.results["load_marts"]
             console.print(
                 "marts: " + ", ".join(f"{table} ({rows} rows)" for table, rows in marts.items())
