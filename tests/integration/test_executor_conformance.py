@@ -1,0 +1,582 @@
+"""One conformance suite that every executor must pass, like dask's ``GetFunctionTestMixin``.
+
+Each test runs against ``thread``, ``sync``, ``process``, ``async`` and ``dask``
+(an in-process ``LocalCluster`` shared by the module). Bodies are
+module-level functions (bound with :func:`functools.partial`) so that they
+pickle for worker processes and Dask. "Exactly once" is checked with a
+ledger file that each body appends its task name to, which works across
+processes; "after its dependencies" is checked through the results: each
+body returns its own name plus every name its upstream results carry, which
+it can only know once those dependencies have finished.
+
+Executor-specific behaviour (a crashing or timed-out worker process, a
+coroutine cancelled for real, a pickling error) is tested at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import CancelledError
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pipeopt import (
+    Pipeline,
+    PipelineOptimizer,
+    PipelineTask,
+    RunResult,
+    RunStatus,
+    TaskState,
+    TaskTimeoutError,
+    UpstreamFailedError,
+)
+from pipeopt.errors import NotPicklableError
+from pipeopt.executors import Executor, by_name
+from pipeopt.retry import RetryPolicy
+
+EXECUTORS = ("thread", "sync", "process", "async", "dask")
+
+# Set at the end of every test, so that bodies abandoned on a timeout in
+# this process (thread, async and in-process Dask workers) stop waiting.
+# Worker processes have their own copy that is never set: they are killed.
+_RELEASE = threading.Event()
+
+
+# -- bodies (module level, so that they pickle) ---------------------------------
+
+
+def _append(ledger: str, name: str) -> None:
+    # One short O_APPEND write per line: atomic, whichever process writes.
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{name}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _lineage(context: Any, upstream: dict[str, Any]) -> list[str]:
+    seen = {context.task}
+    for value in upstream.values():
+        seen.update(value)
+    return sorted(seen)
+
+
+def trace(context: Any, ledger: str = "", **upstream: Any) -> list[str]:
+    """Record the run in the ledger; return the names of this task and all its ancestors."""
+    _append(ledger, context.task)
+    return _lineage(context, upstream)
+
+
+async def trace_async(context: Any, ledger: str = "", **upstream: Any) -> list[str]:
+    """``trace`` as a coroutine."""
+    await asyncio.sleep(0)
+    _append(ledger, context.task)
+    return _lineage(context, upstream)
+
+
+def trace_generator(context: Any, ledger: str = "", **upstream: Any) -> Iterator[str]:
+    """``trace`` as a generator: the names are streamed and collected into a list."""
+    _append(ledger, context.task)
+    yield from _lineage(context, upstream)
+
+
+async def trace_async_generator(
+    context: Any, ledger: str = "", **upstream: Any
+) -> AsyncIterator[str]:
+    """``trace`` as an async generator."""
+    _append(ledger, context.task)
+    for name in _lineage(context, upstream):
+        await asyncio.sleep(0)
+        yield name
+
+
+def explode(context: Any, ledger: str = "", **upstream: Any) -> None:
+    """Fail with an error whose type and message the run must keep."""
+    _append(ledger, context.task)
+    raise ValueError(f"bad row 7 in {context.task}")
+
+
+def flaky(context: Any, ledger: str = "", **upstream: Any) -> str:
+    """Fail the first attempt with a transient error, succeed on the next."""
+    _append(ledger, f"{context.task}#{context.attempt}")
+    if context.attempt == 1:
+        raise ConnectionError("transient: connection reset")
+    return f"ok on attempt {context.attempt}"
+
+
+def stall(context: Any, ledger: str = "", pid_file: str = "") -> str:
+    """Run for 30 s unless released: only a timeout can end it in time."""
+    if pid_file:
+        Path(pid_file).write_text(str(os.getpid()))
+    _append(ledger, context.task)
+    _RELEASE.wait(30)
+    return "finished"
+
+
+def measure(context: Any, ledger: str = "") -> int:
+    """Report custom metrics and a batch through the context."""
+    _append(ledger, context.task)
+    context.record_custom_metric("rows", 42)
+    context.record_custom_metric("ratio", 0.25)
+    context.record_batch(500, 0.02)
+    return 42
+
+
+def crash_once(context: Any, ledger: str = "", how: str = "exit") -> str:
+    """Kill the worker process on the first attempt, succeed on the next."""
+    _append(ledger, f"{context.task}#{context.attempt}")
+    if context.attempt == 1:
+        if how == "segfault":
+            ctypes.string_at(0)
+        os._exit(1)
+    return f"survived on attempt {context.attempt}"
+
+
+async def cancellable(context: Any, ledger: str = "", marker: str = "") -> str:
+    """Sleep 30 s; note a real cancellation in ``marker``."""
+    _append(ledger, context.task)
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        Path(marker).write_text("cancelled")
+        raise
+    return "finished"
+
+
+_loops: set[int] = set()
+_active = 0
+_peak = 0
+_gauge = threading.Lock()
+
+
+async def overlap(context: Any, ledger: str = "") -> int:
+    """Track how many coroutines run at once, and on which loops."""
+    global _active, _peak
+    _loops.add(id(asyncio.get_running_loop()))
+    with _gauge:
+        _active += 1
+        _peak = max(_peak, _active)
+    try:
+        await asyncio.sleep(0.05)
+    finally:
+        with _gauge:
+            _active -= 1
+    _append(ledger, context.task)
+    return _peak
+
+
+# -- fixtures --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Any]:
+    """The client of a ``LocalCluster`` in this process, shared by the module's Dask runs.
+
+    It is made by a ``DaskExecutor`` (threads, in-process transport, no
+    dashboard, HTTP endpoints on a free loopback port) and lent to the
+    executors under test, which must leave it open.
+    """
+    pytest.importorskip("distributed")
+    from pipeopt.executors import DaskExecutor
+
+    owner = DaskExecutor(threads_per_worker=4)
+    owner.start(4)
+    yield owner.client
+    owner.shutdown()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=pytest.mark.dask) if name == "dask" else name for name in EXECUTORS
+    ]
+)
+def executor_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The name of the executor under test; releases abandoned bodies afterwards."""
+    _RELEASE.clear()
+    yield request.param
+    _RELEASE.set()
+
+
+def process_executor(processes: int | None = None) -> Executor:
+    """Return a process executor with ``processes`` workers (the run's ``max_workers`` if None)."""
+    from pipeopt.executors import ProcessExecutor
+
+    return ProcessExecutor(processes)
+
+
+@pytest.fixture
+def make_executor(request: pytest.FixtureRequest, executor_name: str) -> Callable[[], Executor]:
+    """Return a factory of fresh executors of the kind under test."""
+    if executor_name == "dask":
+        from pipeopt.executors import DaskExecutor
+
+        client = request.getfixturevalue("dask_client")
+        return lambda: DaskExecutor(client=client)
+    if executor_name == "process":
+        return process_executor
+    return lambda: by_name(executor_name)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    """The file every body appends its task name to."""
+    return tmp_path / "ledger.txt"
+
+
+def entries(ledger: Path) -> list[str]:
+    """Return the ledger's lines, in the order they were written."""
+    return ledger.read_text().split() if ledger.exists() else []
+
+
+def run(
+    make_executor: Callable[[], Executor],
+    pipeline: Pipeline,
+    *,
+    max_workers: int = 4,
+    registry: CollectorRegistry | None = None,
+    fail_fast: bool = False,
+) -> RunResult:
+    """Run ``pipeline`` on a fresh executor of the kind under test."""
+    optimizer = PipelineOptimizer(
+        max_workers=max_workers,
+        executor=make_executor(),
+        registry=registry,
+        fail_fast=fail_fast,
+        seed=7,
+    )
+    return optimizer.run(pipeline)
+
+
+BODIES = (trace, trace_async, trace_generator, trace_async_generator)
+
+
+def layered_dag(ledger: Path, *, seed: int) -> tuple[Pipeline, dict[str, set[str]]]:
+    """A 4-layer DAG of 16 mixed bodies, inserted in a shuffled order; return it and ancestries."""
+    rng = random.Random(seed)
+    layers = [[f"L{layer}n{k}" for k in range(4)] for layer in range(4)]
+    deps: dict[str, list[str]] = {}
+    for layer, names in enumerate(layers):
+        for name in names:
+            below = layers[layer - 1] if layer else []
+            deps[name] = rng.sample(below, k=min(len(below), rng.randint(1, 3)))
+    ancestry: dict[str, set[str]] = {}
+    for names in layers:
+        for name in names:
+            ancestry[name] = {name}.union(*(ancestry[d] for d in deps[name]))
+    order = [name for names in layers for name in names]
+    rng.shuffle(order)  # nothing may depend on insertion order
+    pipeline = Pipeline(f"layered-{seed}")
+    labels = ["blocker", "critical", "high", "medium", "low", "deferred"]
+    for k, name in enumerate(order):
+        body = BODIES[k % len(BODIES)]
+        pipeline.add(
+            PipelineTask(
+                name,
+                functools.partial(body, ledger=str(ledger)),
+                dependencies=deps[name],
+                criticality=labels[k % len(labels)],
+            )
+        )
+    return pipeline, ancestry
+
+
+# -- the suite -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_every_task_runs_once_after_its_dependencies(
+    make_executor: Callable[[], Executor], ledger: Path, seed: int
+) -> None:
+    pipeline, ancestry = layered_dag(ledger, seed=seed)
+    result = run(make_executor, pipeline)
+    assert result.status is RunStatus.SUCCEEDED, result.tasks
+    assert sorted(entries(ledger)) == sorted(ancestry)  # each task exactly once
+    for name, expected in ancestry.items():
+        # A task knows every ancestor's name only if each of them finished before it started.
+        assert set(result.results[name]) == expected, name
+        assert result.tasks[name].attempts == 1
+
+
+def test_failure_skips_descendants_and_siblings_go_on(
+    make_executor: Callable[[], Executor], ledger: Path
+) -> None:
+    p = Pipeline("failure")
+    bind = functools.partial
+    p.add(PipelineTask("extract", bind(trace, ledger=str(ledger))))
+    p.add(PipelineTask("parse", bind(explode, ledger=str(ledger)), dependencies=["extract"]))
+    p.add(PipelineTask("load", bind(trace, ledger=str(ledger)), dependencies=["parse"]))
+    p.add(PipelineTask("report", bind(trace, ledger=str(ledger)), dependencies=["load"]))
+    p.add(PipelineTask("audit", bind(trace, ledger=str(ledger)), dependencies=["extract"]))
+    result = run(make_executor, p)
+    assert result.status is RunStatus.FAILED
+    states = {name: outcome.state for name, outcome in result.tasks.items()}
+    assert states == {
+        "extract": TaskState.SUCCEEDED,
+        "parse": TaskState.FAILED,
+        "load": TaskState.SKIPPED,
+        "report": TaskState.SKIPPED,
+        "audit": TaskState.SUCCEEDED,
+    }
+    error = result.tasks["parse"].error
+    assert isinstance(error, ValueError)
+    assert str(error) == "bad row 7 in parse"  # kept whole across process boundaries
+    assert isinstance(result.tasks["load"].error, UpstreamFailedError)
+    assert sorted(entries(ledger)) == ["audit", "extract", "parse"]
+
+
+def test_failed_attempt_is_retried(make_executor: Callable[[], Executor], ledger: Path) -> None:
+    registry = CollectorRegistry()
+    p = Pipeline("retries")
+    policy = RetryPolicy(max_attempts=3, base_delay=0.01, jitter=0.0)
+    p.add(PipelineTask("fetch", functools.partial(flaky, ledger=str(ledger)), retry_policy=policy))
+    result = run(make_executor, p, registry=registry)
+    assert result.status is RunStatus.SUCCEEDED
+    outcome = result.tasks["fetch"]
+    assert outcome.attempts == 2
+    assert result.results["fetch"] == "ok on attempt 2"
+    assert isinstance(outcome.attempt_history[0].error, ConnectionError)
+    assert entries(ledger) == ["fetch#1", "fetch#2"]
+    assert registry.get_sample_value("pipeline_task_retries_total", {"task": "fetch"}) == 1
+
+
+def test_timeout_fails_a_stuck_body(
+    make_executor: Callable[[], Executor], executor_name: str, ledger: Path
+) -> None:
+    if executor_name == "sync":
+        pytest.skip("the sync executor runs bodies in the caller's thread and cannot interrupt one")
+    p = Pipeline("timeouts")
+    p.add(PipelineTask("stuck", functools.partial(stall, ledger=str(ledger)), timeout=0.5))
+    p.add(PipelineTask("quick", functools.partial(trace, ledger=str(ledger))))
+    p.add(
+        PipelineTask("after", functools.partial(trace, ledger=str(ledger)), dependencies=["stuck"])
+    )
+    started = time.monotonic()
+    result = run(make_executor, p, max_workers=2)
+    elapsed = time.monotonic() - started
+    assert elapsed < 15, f"a 30 s body held the run for {elapsed:.1f}s"
+    assert result.tasks["stuck"].state is TaskState.FAILED
+    assert isinstance(result.tasks["stuck"].error, TaskTimeoutError)
+    assert result.tasks["quick"].state is TaskState.SUCCEEDED
+    assert result.tasks["after"].state is TaskState.SKIPPED
+
+
+def test_fail_fast_cancels_what_has_not_started(
+    make_executor: Callable[[], Executor], ledger: Path
+) -> None:
+    p = Pipeline("fail-fast")
+    p.add(
+        PipelineTask("boom", functools.partial(explode, ledger=str(ledger)), criticality="blocker")
+    )
+    for k in range(6):
+        p.add(
+            PipelineTask(
+                f"later{k}", functools.partial(trace, ledger=str(ledger)), criticality="low"
+            )
+        )
+    result = run(make_executor, p, max_workers=1, fail_fast=True)
+    assert result.status is RunStatus.CANCELLED
+    assert result.tasks["boom"].state is TaskState.FAILED
+    assert all(result.tasks[f"later{k}"].state is TaskState.CANCELLED for k in range(6))
+    assert entries(ledger) == ["boom"]
+
+
+def test_metrics_reach_the_registry(make_executor: Callable[[], Executor], ledger: Path) -> None:
+    registry = CollectorRegistry()
+    p = Pipeline("metrics")
+    p.add(PipelineTask("measure", functools.partial(measure, ledger=str(ledger))))
+    p.add(PipelineTask("fail", functools.partial(explode, ledger=str(ledger))))
+    result = run(make_executor, p, registry=registry)
+    assert result.tasks["measure"].custom_metrics == {"rows": 42.0, "ratio": 0.25}
+    get = registry.get_sample_value
+    assert get("pipeline_task_custom_metric", {"task": "measure", "name": "rows"}) == 42
+    assert get("pipeline_task_custom_metric", {"task": "measure", "name": "ratio"}) == 0.25
+    assert get("pipeline_batch_size", {"task": "measure"}) == 500
+    assert get("pipeline_batch_latency_seconds_count", {"task": "measure"}) == 1
+    assert get("pipeline_task_latency_seconds_count", {"task": "measure"}) == 1
+    assert get("pipeline_task_latency_seconds_count", {"task": "fail"}) == 1
+    assert get("pipeline_task_failures_total", {"task": "fail"}) == 1
+    assert get("pipeline_task_failures_total", {"task": "measure"}) == 0
+    assert get("pipeline_tasks_active") == 0
+    assert get("pipeline_runs_total", {"status": "failed"}) == 1
+
+
+# -- by name ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["thread", "sync", "process", "async"])
+def test_executors_are_found_by_name(name: str) -> None:
+    executor = by_name(name)
+    assert executor.name == name
+    assert isinstance(executor, Executor)
+    assert executor.inline is (name in ("thread", "sync"))
+    assert PipelineOptimizer(executor=f" {name.upper()} ").executor.name == name
+
+
+def test_an_unknown_executor_name_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match="executor must be one of thread, sync, process"):
+        by_name("gpu")
+
+
+# -- process executor ------------------------------------------------------------
+
+
+def test_process_executor_rejects_a_lambda_before_anything_runs(ledger: Path) -> None:
+    p = Pipeline("lambda")
+    p.add(PipelineTask("fine", functools.partial(trace, ledger=str(ledger))))
+    p.add(PipelineTask("inline", lambda: 1))
+    with pytest.raises(NotPicklableError, match=r"task 'inline'.*module level") as caught:
+        PipelineOptimizer(max_workers=2, executor=process_executor()).run(p)
+    assert caught.value.task == "inline"
+    assert entries(ledger) == []
+
+
+@pytest.mark.parametrize("how", ["exit", "segfault"])
+def test_process_executor_survives_a_worker_crash(ledger: Path, how: str) -> None:
+    from pipeopt.executors import WorkerCrashedError
+
+    p = Pipeline("crash")
+    policy = RetryPolicy(max_attempts=2, base_delay=0.01, jitter=0.0)
+    crash = functools.partial(crash_once, ledger=str(ledger), how=how)
+    p.add(PipelineTask("crashy", crash, retry_policy=policy))
+    for k in range(6):
+        p.add(PipelineTask(f"steady{k}", functools.partial(trace, ledger=str(ledger))))
+    result = PipelineOptimizer(max_workers=2, executor=process_executor()).run(p)
+    assert result.status is RunStatus.SUCCEEDED
+    outcome = result.tasks["crashy"]
+    assert outcome.attempts == 2
+    first = outcome.attempt_history[0].error
+    assert isinstance(first, WorkerCrashedError)
+    expected = "killed by SIGSEGV" if how == "segfault" else "exit code 1"
+    assert expected in str(first)
+    assert result.results["crashy"] == "survived on attempt 2"
+    assert sorted(entries(ledger)) == sorted(
+        ["crashy#1", "crashy#2", *(f"steady{k}" for k in range(6))]
+    )
+
+
+def test_process_executor_kills_a_timed_out_body(ledger: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    p = Pipeline("kill")
+    body = functools.partial(stall, ledger=str(ledger), pid_file=str(pid_file))
+    p.add(PipelineTask("stuck", body, timeout=3.0))  # room for the worker to start
+    p.add(PipelineTask("quick", functools.partial(trace, ledger=str(ledger))))
+    result = PipelineOptimizer(max_workers=2, executor=process_executor()).run(p)
+    assert isinstance(result.tasks["stuck"].error, TaskTimeoutError)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped, not left running
+        os.kill(pid, 0)
+
+
+def test_process_executor_cancels_a_queued_attempt_without_running_it(ledger: Path) -> None:
+    from pipeopt.context import ExecutionContext
+    from pipeopt.executors.base import TaskCall
+
+    executor = process_executor(processes=1)
+    executor.start(1)
+    try:
+
+        def call(name: str, func: Callable[..., Any]) -> Any:
+            task = TaskCall(name, func, {}, True, "function", 1, 3, None)
+            return executor.submit(task, ExecutionContext(name))
+
+        running = call("first", functools.partial(stall, ledger=str(ledger)))
+        queued = call("second", functools.partial(trace, ledger=str(ledger)))
+        assert executor.cancel(queued)
+        assert executor.cancel(running)
+        with pytest.raises(CancelledError):
+            running.result(timeout=10)
+        assert queued.cancelled()
+        # The slot gets a fresh process and goes on.
+        assert executor.submit(
+            TaskCall("third", trace, {"ledger": str(ledger)}, True, "function", 1, 3, None),
+            ExecutionContext("third"),
+        ).result(timeout=30) == ["third"]
+    finally:
+        executor.shutdown()
+    assert "second" not in entries(ledger)
+
+
+# -- async executor ----------------------------------------------------------------
+
+
+def test_async_executor_cancels_a_coroutine_for_real(ledger: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "cancelled"
+    p = Pipeline("cancel")
+    body = functools.partial(cancellable, ledger=str(ledger), marker=str(marker))
+    p.add(PipelineTask("sleepy", body, timeout=1.0))
+    result = PipelineOptimizer(max_workers=2, executor="async").run(p)
+    assert isinstance(result.tasks["sleepy"].error, TaskTimeoutError)
+    assert marker.read_text() == "cancelled"
+
+
+def test_async_executor_runs_coroutines_on_one_loop_within_max_workers(ledger: Path) -> None:
+    global _peak
+    _loops.clear()
+    _peak = 0
+    p = Pipeline("overlap")
+    for k in range(8):
+        p.add(PipelineTask(f"io{k}", functools.partial(overlap, ledger=str(ledger))))
+    result = PipelineOptimizer(max_workers=3, executor="async").run(p)
+    assert result.status is RunStatus.SUCCEEDED
+    assert len(_loops) == 1
+    assert 1 < _peak <= 3
+    assert sorted(entries(ledger)) == sorted(f"io{k}" for k in range(8))
+
+
+def test_async_executor_shutdown_cancels_leftover_coroutines(tmp_path: Path) -> None:
+    from pipeopt.context import ExecutionContext
+    from pipeopt.executors import AsyncExecutor
+    from pipeopt.executors.base import TaskCall
+
+    marker = tmp_path / "cancelled"
+    ledger = tmp_path / "ledger.txt"
+    executor = AsyncExecutor()
+    executor.start(2)
+    body = functools.partial(cancellable, ledger=str(ledger), marker=str(marker))
+    future = executor.submit(
+        TaskCall("left", body, {}, True, "coroutine", 1, 3, None), ExecutionContext("left")
+    )
+    deadline = time.monotonic() + 30
+    while not entries(ledger) and time.monotonic() < deadline:  # until the body is running
+        time.sleep(0.01)
+    executor.shutdown(cancel=True)
+    assert marker.read_text() == "cancelled"
+    with contextlib.suppress(Exception):
+        future.result(timeout=5)
+    assert future.done()
+
+
+def test_sigint_is_ignored_by_process_workers_so_the_driver_decides(ledger: Path) -> None:
+    """Ctrl-C reaches the whole process group; workers must not die of it on their own."""
+    from pipeopt.context import ExecutionContext
+    from pipeopt.executors.base import TaskCall
+
+    executor = process_executor(processes=1)
+    executor.start(1)
+    try:
+        pid_file = ledger.with_suffix(".pid")
+        body = functools.partial(stall, ledger=str(ledger), pid_file=str(pid_file))
+        future = executor.submit(
+            TaskCall("waits", body, {}, True, "function", 1, 3, None), ExecutionContext("waits")
+        )
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(int(pid_file.read_text()), signal.SIGINT)
+        time.sleep(0.2)
+        assert not future.done()
+        executor.cancel(future)
+    finally:
+        executor.shutdown(cancel=True)

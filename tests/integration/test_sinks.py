@@ -1,0 +1,509 @@
+"""Sinks against a real SQLite file and the real PostgreSQL, and write_batches' rules.
+
+PostgreSQL tests use the server named by ``PIPEOPT_TEST_POSTGRES_DSN`` and
+skip when it is unreachable (fail with ``PIPEOPT_REQUIRE_POSTGRES=1``). Each
+test gets its own schema, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import pytest
+
+from pipeopt.batching import AdaptiveBatcher, BatcherStatistics, FixedBatcher
+from pipeopt.errors import SinkError
+from pipeopt.sinks import (
+    DeadLetter,
+    PostgresSink,
+    Row,
+    Sink,
+    SQLiteSink,
+    WriteAbortedError,
+    WriteReport,
+    write_batches,
+)
+
+ROWS = 10_000
+POISON_AT = (0, 1, 2500, 5000, 5001, 7777, 9999)
+
+SQLITE_DDL = """
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    qty INTEGER CHECK (qty >= 0),
+    note TEXT CHECK (length(note) <= 20)
+) STRICT
+"""
+
+POSTGRES_DDL = """
+CREATE TABLE {schema}.items (
+    id integer PRIMARY KEY,
+    name text NOT NULL,
+    qty integer CHECK (qty >= 0),
+    note varchar(20)
+)
+"""
+
+
+def good_row(i: int) -> tuple[Any, ...]:
+    return (i, f"item {i}", i % 97, "ok" if i % 2 else None)
+
+
+def poisoned_rows() -> list[tuple[Any, ...]]:
+    """Return 10,000 rows of which 7, of 7 different kinds, no database accepts."""
+    rows = [good_row(i) for i in range(ROWS)]
+    bad: list[tuple[Any, ...]] = [
+        (0, "negative", -1, None),  # CHECK constraint
+        (1, None, 1, None),  # NOT NULL
+        (2500, "not a number", "abc", None),  # type
+        (5000, "too long", 3, "x" * 40),  # length
+        (5001, "short row", 4),  # three values for four columns
+        (7777, "unadaptable", {"a": 1}, None),  # the driver cannot send a dict
+        (9999, "negative again", -9, None),
+    ]
+    for row in bad:
+        rows[row[0]] = row
+    return rows
+
+
+def dead_letter_ids(letters: Sequence[tuple[str, Any]]) -> list[int]:
+    ids = []
+    for _error, raw in letters:
+        row = json.loads(raw) if isinstance(raw, str) else raw
+        ids.append(row["id"] if isinstance(row, dict) else row[0])
+    return sorted(ids)
+
+
+def check_poison_outcome(
+    report: WriteReport, ids: list[int], letters: Sequence[tuple[str, Any]]
+) -> None:
+    assert report.rows_written == ROWS - len(POISON_AT)
+    assert report.rows_dead_lettered == len(POISON_AT)
+    assert report.rows == ROWS
+    # 0 lost and 0 duplicated: the table holds exactly the good ids, once each.
+    assert len(ids) == ROWS - len(POISON_AT)
+    assert sorted(ids) == sorted(set(range(ROWS)) - set(POISON_AT))
+    assert dead_letter_ids(letters) == sorted(POISON_AT)
+    errors = [error for error, _ in letters]
+    assert all(error and ":" in error for error in errors)
+    assert len(set(errors)) >= 5  # each kind says what went wrong
+
+
+# -- SQLite ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    path = tmp_path / f"test-{uuid.uuid4().hex[:8]}.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(SQLITE_DDL)
+    conn.close()
+    return path
+
+
+def sqlite_rows(path: Path, sql: str) -> list[Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_sqlite_isolates_seven_poison_rows_in_ten_thousand(sqlite_path: Path) -> None:
+    sizes: list[int] = []
+    batcher = AdaptiveBatcher(0.05, min_size=10)
+    with SQLiteSink(sqlite_path, "items") as sink:
+        report = write_batches(
+            poisoned_rows(), sink, batcher, on_batch=lambda size, _latency: sizes.append(size)
+        )
+    ids = [row[0] for row in sqlite_rows(sqlite_path, "SELECT id FROM items")]
+    letters = sqlite_rows(sqlite_path, "SELECT error, row_json FROM items_dead_letter")
+    check_poison_outcome(report, ids, letters)
+    assert sum(sizes) == report.rows_written  # every successful write was reported
+    assert batcher.statistics().rows == report.rows_written
+    errors = " | ".join(error for error, _ in letters)
+    for fragment in ("CHECK constraint failed", "NOT NULL", "cannot store TEXT", "binding"):
+        assert fragment in errors
+    assert "row has 3 values, expected 4" in errors
+
+
+def test_sqlite_dead_letters_keep_the_row_as_json(sqlite_path: Path) -> None:
+    rows = [{"id": 1, "name": "fine", "qty": 1, "note": None, "extra": "ignored"}]
+    rows.append({"id": 2, "name": "bad", "qty": -3, "note": "ünïcode"})
+    with SQLiteSink(sqlite_path, "items") as sink:
+        report = write_batches(rows, sink, FixedBatcher(10))
+    assert (report.rows_written, report.rows_dead_lettered) == (1, 1)
+    [(failed_at, error, raw)] = sqlite_rows(
+        sqlite_path, "SELECT failed_at, error, row_json FROM items_dead_letter"
+    )
+    assert error.startswith("IntegrityError: CHECK constraint failed")
+    assert json.loads(raw) == {"id": 2, "name": "bad", "qty": -3, "note": "ünïcode"}
+    assert failed_at.endswith("+00:00")
+
+
+def test_sqlite_upsert_never_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "upsert.db"
+    first = [{"id": i, "qty": i} for i in range(500)]
+    again = [{"id": i, "qty": i * 10} for i in range(250, 750)]
+    with SQLiteSink(path, "stock", upsert_keys=["id"]) as sink:  # creates the table
+        write_batches(first, sink, FixedBatcher(64))
+        write_batches(again, sink, FixedBatcher(100))
+        write_batches(again, sink, FixedBatcher(33))  # the same batch, sent again
+    rows = dict(sqlite_rows(path, "SELECT id, qty FROM stock"))
+    assert len(rows) == 750
+    assert rows[0] == 0
+    assert rows[249] == 249
+    assert rows[250] == 2500
+    assert rows[749] == 7490
+
+
+def test_sqlite_columns_from_the_table_and_tuple_rows(sqlite_path: Path) -> None:
+    with SQLiteSink(sqlite_path, "items") as sink:
+        assert sink.columns == ("id", "name", "qty", "note")
+        sink.write([(1, "a", 1, None), (2, "b", 2, "x")])
+    with SQLiteSink(sqlite_path, "items", columns=["name", "id"]) as sink:
+        sink.write([("c", 3)])
+    assert sqlite_rows(sqlite_path, "SELECT id, name, qty FROM items ORDER BY id") == [
+        (1, "a", 1),
+        (2, "b", 2),
+        (3, "c", None),
+    ]
+
+
+def test_sqlite_write_is_one_transaction(sqlite_path: Path) -> None:
+    with SQLiteSink(sqlite_path, "items") as sink:
+        with pytest.raises(sqlite3.IntegrityError):
+            sink.write([good_row(1), good_row(2), (3, "bad", -1, None)])
+        assert sqlite_rows(sqlite_path, "SELECT count(*) FROM items") == [(0,)]
+        sink.write([good_row(1)])
+    assert sqlite_rows(sqlite_path, "SELECT count(*) FROM items") == [(1,)]
+    mode = sqlite_rows(sqlite_path, "PRAGMA journal_mode")
+    assert mode == [("wal",)]
+
+
+def test_sqlite_refuses_bad_setups(tmp_path: Path, sqlite_path: Path) -> None:
+    with pytest.raises(SinkError, match=r"does not exist.*create=True"):
+        SQLiteSink(tmp_path / "empty.db", "missing", create=False)
+    with pytest.raises(SinkError, match="has no column 'colour'"):
+        SQLiteSink(sqlite_path, "items", columns=["id", "colour"])
+    with pytest.raises(SinkError, match="cannot open SQLite database"):
+        SQLiteSink(tmp_path / "no" / "such" / "dir.db", "t")
+    with pytest.raises(ValueError, match="upsert_keys \\['key'\\] are not among columns"):
+        SQLiteSink(sqlite_path, "items", columns=["id"], upsert_keys=["key"])
+    with pytest.raises(ValueError, match="synchronous must be one of"):
+        SQLiteSink(sqlite_path, "items", synchronous="sometimes")
+    with pytest.raises(TypeError, match="table must be a string"):
+        SQLiteSink(sqlite_path, 3)  # type: ignore[arg-type]
+    with (
+        SQLiteSink(tmp_path / "new.db", "fresh") as sink,
+        pytest.raises(SinkError, match="columns are unknown"),
+    ):
+        sink.write([(1, 2)])
+    with pytest.raises(SinkError, match="is closed"):
+        sink.write([{"a": 1}])
+
+
+def test_sqlite_a_vanished_table_aborts_without_dead_letters(sqlite_path: Path) -> None:
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(2000):
+            if i == 1000:
+                with sqlite3.connect(sqlite_path) as other:
+                    other.execute("DROP TABLE items")
+                other.close()
+            yield good_row(i)
+
+    with (
+        SQLiteSink(sqlite_path, "items") as sink,
+        pytest.raises(WriteAbortedError, match="no such table") as info,
+    ):
+        write_batches(rows(), sink, FixedBatcher(100))
+    assert isinstance(info.value, SinkError)
+    assert info.value.report.rows_written == 1000
+    assert info.value.report.rows_dead_lettered == 0
+    tables = {name for (name,) in sqlite_rows(sqlite_path, "SELECT name FROM sqlite_master")}
+    assert "items_dead_letter" not in tables
+
+
+# -- PostgreSQL --------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_schema(postgres_dsn: str) -> Iterator[str]:
+    import psycopg
+
+    schema = f"pipeopt_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(POSTGRES_DDL.format(schema=schema))
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def pg_rows(dsn: str, sql: str) -> list[Any]:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("method", ["copy", "executemany"])
+def test_postgres_isolates_seven_poison_rows_in_ten_thousand(
+    postgres_dsn: str, pg_schema: str, method: Any
+) -> None:
+    table = f"{pg_schema}.items"
+    with PostgresSink(postgres_dsn, table, method=method) as sink:
+        assert sink.method == method
+        report = write_batches(poisoned_rows(), sink, AdaptiveBatcher(0.05, min_size=10))
+    ids = [row[0] for row in pg_rows(postgres_dsn, f"SELECT id FROM {table}")]
+    letters = pg_rows(postgres_dsn, f"SELECT error, row_json FROM {table}_dead_letter")
+    check_poison_outcome(report, ids, letters)
+    errors = " | ".join(error for error, _ in letters)
+    for fragment in (
+        "CheckViolation",
+        "NotNullViolation",
+        "InvalidTextRepresentation",
+        "StringDataRightTruncation",
+        "cannot adapt type 'dict'",
+        "row has 3 values, expected 4",
+    ):
+        assert fragment in errors
+
+
+@pytest.mark.postgres
+def test_postgres_upsert_never_duplicates(postgres_dsn: str, pg_schema: str) -> None:
+    table = f"{pg_schema}.items"
+    first = [good_row(i) for i in range(400)]
+    again = [(i, f"renamed {i}", 1, None) for i in range(200, 600)]
+    with PostgresSink(postgres_dsn, table, upsert_keys=["id"]) as sink:
+        assert sink.method == "executemany"
+        write_batches(first, sink, FixedBatcher(64))
+        write_batches(again, sink, FixedBatcher(100))
+        write_batches(again, sink, FixedBatcher(37))  # the same rows, sent again
+    rows = dict(pg_rows(postgres_dsn, f"SELECT id, name FROM {table}"))
+    assert len(rows) == 600
+    assert rows[199] == "item 199"
+    assert rows[200] == "renamed 200"
+    assert rows[599] == "renamed 599"
+    with pytest.raises(ValueError, match="COPY cannot upsert"):
+        PostgresSink(postgres_dsn, table, upsert_keys=["id"], method="copy")
+
+
+@pytest.mark.postgres
+def test_postgres_columns_and_mapping_rows(postgres_dsn: str, pg_schema: str) -> None:
+    table = f"{pg_schema}.items"
+    with PostgresSink(postgres_dsn, table) as sink:
+        assert sink.columns == ("id", "name", "qty", "note")
+    with PostgresSink(postgres_dsn, table, columns=["id", "name"]) as sink:
+        sink.write([{"name": "m", "id": 1, "other": 0}])
+    assert pg_rows(postgres_dsn, f"SELECT id, name, qty FROM {table}") == [(1, "m", None)]
+    with pytest.raises(SinkError, match="does not exist; create it first"):
+        PostgresSink(postgres_dsn, f"{pg_schema}.nothing")
+    with pytest.raises(SinkError, match="no writable column 'colour'"):
+        PostgresSink(postgres_dsn, table, columns=["id", "colour"])
+
+
+@pytest.mark.postgres
+def test_postgres_a_lost_connection_aborts_without_dead_letters(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    import psycopg
+
+    table = f"{pg_schema}.items"
+    name = f"pipeopt-test-{uuid.uuid4().hex[:8]}"
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(3000):
+            if i == 1000:  # the database goes away under the sink
+                with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = %s",
+                        [name],
+                    )
+            yield good_row(i)
+
+    with (
+        PostgresSink(postgres_dsn, table, application_name=name) as sink,
+        pytest.raises(WriteAbortedError) as info,
+    ):
+        write_batches(rows(), sink, FixedBatcher(250))
+    assert info.value.report.rows_written == 1000
+    assert info.value.report.rows_dead_lettered == 0
+    assert isinstance(info.value.__cause__, psycopg.OperationalError)
+    assert pg_rows(postgres_dsn, f"SELECT count(*) FROM {table}") == [(1000,)]
+    found = pg_rows(postgres_dsn, f"SELECT to_regclass('{table}_dead_letter')")
+    assert found == [(None,)]
+
+
+def test_postgres_unreachable_is_a_sink_error() -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(SinkError, match="cannot connect to PostgreSQL"):
+        PostgresSink("postgresql://postgres@127.0.0.1:9/none", "t", connect_timeout=2)
+
+
+# -- write_batches' rules, on an in-memory sink ----------------------------------
+
+
+class MemorySink:
+    """A sink in a list: refuses rows marked bad; can break like a lost connection."""
+
+    def __init__(self, *, broken_after: int | None = None, blame_rows: bool = False) -> None:
+        self.rows: list[Row] = []
+        self.dead: list[DeadLetter] = []
+        self.broken_after = broken_after
+        self.blame_rows = blame_rows  # call every error a row error (a sink that misjudges)
+        self.writes = 0
+
+    def write(self, rows: Sequence[Row]) -> None:
+        self.writes += 1
+        if self.broken_after is not None and len(self.rows) >= self.broken_after:
+            raise ConnectionError("server closed the connection")
+        for row in rows:
+            if isinstance(row, dict) and row.get("bad"):
+                raise ValueError(f"row {row['id']} is bad")
+        self.rows.extend(rows)
+
+    def is_row_error(self, exc: Exception) -> bool:
+        return self.blame_rows or isinstance(exc, ValueError)
+
+    def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        self.dead.extend(letters)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RecordingBatcher:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pending: list[int | None] = []
+        self.recorded: list[tuple[int, float]] = []
+
+    def plan(self, pending: int | None = None) -> int:
+        self.pending.append(pending)
+        return self.size if pending is None else min(self.size, pending)
+
+    def record(self, size: int, latency: float) -> None:
+        self.recorded.append((size, latency))
+
+    def statistics(self) -> BatcherStatistics:
+        raise NotImplementedError
+
+
+def test_memory_sink_and_recording_batcher_fit_the_protocols() -> None:
+    assert isinstance(MemorySink(), Sink)
+
+
+def test_every_good_row_is_written_once() -> None:
+    rows = [{"id": i, "bad": i % 37 == 5} for i in range(1000)]
+    sink = MemorySink()
+    report = write_batches(rows, sink, FixedBatcher(128))
+    good = [r["id"] for r in rows if not r["bad"]]
+    assert sorted(r["id"] for r in sink.rows) == good  # type: ignore[call-overload]
+    assert sorted(letter.row["id"] for letter in sink.dead) == [  # type: ignore[call-overload]
+        r["id"] for r in rows if r["bad"]
+    ]
+    assert all(letter.error.startswith("ValueError: row ") for letter in sink.dead)
+    assert report.batches == 8
+    assert (report.min_batch_size, report.max_batch_size) == (104, 128)
+    assert report.mean_batch_size == 125.0
+    assert report.failed_writes > 0
+    assert report.writes > report.batches
+
+
+def test_pending_is_told_and_successful_writes_are_recorded() -> None:
+    ticks = iter(float(i) for i in range(10_000))
+    batcher = RecordingBatcher(40)
+    rows = [{"id": i, "bad": i == 50} for i in range(100)]
+    seen: list[tuple[int, float]] = []
+    report = write_batches(
+        rows,
+        MemorySink(),
+        batcher,
+        clock=lambda: next(ticks),
+        on_batch=lambda size, latency: seen.append((size, latency)),
+    )
+    assert batcher.pending == [100, 60, 20, 0]
+    assert seen == batcher.recorded
+    assert all(latency == 1.0 for _, latency in seen)  # one tick per write
+    assert sum(size for size, _ in seen) == 99 == report.rows_written
+    assert report.seconds > 0
+
+
+def test_rows_are_pulled_one_batch_at_a_time() -> None:
+    pulled: list[int] = []
+    sink = MemorySink()
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for i in range(250):
+            pulled.append(i)
+            if i == 120:
+                assert len(sink.rows) >= 100  # the first batch went out before
+                raise RuntimeError("source failed")
+            yield {"id": i}
+
+    with pytest.raises(RuntimeError, match="source failed"):
+        write_batches(rows(), sink, FixedBatcher(50))
+    assert len(sink.rows) == 100
+    assert len(pulled) == 121
+
+
+def test_an_operational_error_aborts_at_once() -> None:
+    sink = MemorySink(broken_after=300)
+    with pytest.raises(WriteAbortedError, match="server closed the connection") as info:
+        write_batches([{"id": i} for i in range(1000)], sink, FixedBatcher(100))
+    assert info.value.report.rows_written == 300
+    assert sink.dead == []
+    assert sink.writes == 4  # no splitting
+
+
+def test_a_sink_that_refuses_everything_gives_up_after_bounded_levels() -> None:
+    sink = MemorySink(broken_after=0, blame_rows=True)
+    with pytest.raises(WriteAbortedError, match="failed through 3 levels") as info:
+        write_batches(
+            [{"id": i} for i in range(1000)], sink, FixedBatcher(1000), max_failed_levels=3
+        )
+    assert sink.dead == []
+    assert sink.writes == 1 + 2 + 4 + 8
+    assert info.value.report.rows_dead_lettered == 0
+
+
+def test_a_small_all_bad_batch_is_dead_lettered_row_by_row() -> None:
+    sink = MemorySink()
+    report = write_batches([{"id": i, "bad": True} for i in range(5)], sink, FixedBatcher(5))
+    assert report.rows_dead_lettered == 5
+    assert sink.rows == []
+
+
+def test_failing_dead_letters_abort() -> None:
+    class NoDeadLetters(MemorySink):
+        def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(WriteAbortedError, match="cannot write 1 dead letters: OSError: disk full"):
+        write_batches([{"id": 1}, {"id": 2, "bad": True}], NoDeadLetters(), FixedBatcher(10))
+
+
+def test_empty_input_writes_nothing() -> None:
+    sink = MemorySink()
+    report = write_batches([], sink, FixedBatcher(10))
+    assert (report.rows_written, report.batches, sink.writes) == (0, 0, 0)
+    assert report.median_batch_size == 0.0
+    with pytest.raises(ValueError, match="max_failed_levels must be an integer >= 1, got 0"):
+        write_batches([], sink, FixedBatcher(10), max_failed_levels=0)
