@@ -19,6 +19,9 @@ and read the :class:`RunResult`::
     assert result.results["load"] == 6
 """
 
+from typing import TYPE_CHECKING, Any
+
+from pipeopt.batching import AdaptiveBatcher, FixedBatcher
 from pipeopt.breaker import BreakerState, CircuitBreaker
 from pipeopt.context import ExecutionContext
 from pipeopt.errors import (
@@ -42,11 +45,23 @@ from pipeopt.optimizer import PipelineOptimizer
 from pipeopt.priority import LABELS, Criticality, PriorityJobQueue
 from pipeopt.result import RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
 from pipeopt.retry import RetryPolicy, retry_with_backoff
+from pipeopt.streaming import (
+    read_csv_chunks,
+    read_parquet_chunks,
+    stream_dataframe,
+    stream_iterable,
+)
+
+if TYPE_CHECKING:
+    from pipeopt.bench import BenchmarkSuite
+    from pipeopt.dashboard import PipelineDashboard
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LABELS",
+    "AdaptiveBatcher",
+    "BenchmarkSuite",
     "BreakerState",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -54,8 +69,10 @@ __all__ = [
     "CycleError",
     "DuplicateTaskError",
     "ExecutionContext",
+    "FixedBatcher",
     "NotCallableError",
     "Pipeline",
+    "PipelineDashboard",
     "PipelineError",
     "PipelineOptimizer",
     "PipelineRunningError",
@@ -75,5 +92,24 @@ __all__ = [
     "UnknownCriticalityError",
     "UnknownDependencyError",
     "UpstreamFailedError",
+    "read_csv_chunks",
+    "read_parquet_chunks",
     "retry_with_backoff",
+    "stream_dataframe",
+    "stream_iterable",
 ]
+
+
+# Names whose modules need optional extras (aiohttp, matplotlib) load on first use.
+_LAZY = {"PipelineDashboard": "pipeopt.dashboard", "BenchmarkSuite": "pipeopt.bench"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeopt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -121,9 +121,9 @@ class ExecutionContext:
             if self._batcher_factory is not None:
                 self._batcher = self._batcher_factory()
             else:
-                from pipeopt.batching import FixedBatcher
+                from pipeopt.batching import AdaptiveBatcher
 
-                self._batcher = FixedBatcher(1000)
+                self._batcher = AdaptiveBatcher(target_latency=0.1, initial_size=1000)
         return self._batcher
 
     def plan_batch(self, pending: int | None = None) -> int:

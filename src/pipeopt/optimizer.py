@@ -123,8 +123,10 @@ class PipelineOptimizer:
         registry: the Prometheus registry to export to; a fresh one by default.
         aging_interval: seconds of waiting that promote a ready task one
             criticality level (``None``: strict priority).
-        batch_size: the fixed batch size ``context.plan_batch`` answers when
-            no ``batcher_factory`` is given.
+        batch_latency_slo: the latency SLO, in seconds, of each task's
+            :class:`~pipeopt.AdaptiveBatcher` behind ``context.plan_batch``;
+            ``None`` for fixed batches of ``batch_size``.
+        batch_size: the first batch size (the fixed size without an SLO).
         batcher_factory: builds each task's batcher from its name, e.g.
             ``lambda task: AdaptiveBatcher(target_latency=0.1)``.
         seed: seeds the retry jitter, for reproducible runs.
@@ -147,6 +149,7 @@ class PipelineOptimizer:
         fail_fast: bool = False,
         registry: CollectorRegistry | None = None,
         aging_interval: float | None = 5.0,
+        batch_latency_slo: float | None = 0.1,
         batch_size: int = 1000,
         batcher_factory: Callable[[str], Batcher] | None = None,
         seed: int | None = None,
@@ -167,6 +170,11 @@ class PipelineOptimizer:
             )
         self.aging_interval = aging_interval
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        if batch_latency_slo is not None:
+            batch_latency_slo = check_float(
+                "batch_latency_slo", batch_latency_slo, minimum=0.0, strict_minimum=True
+            )
+        self.batch_latency_slo = batch_latency_slo
         self.batcher_factory = batcher_factory
         self.seed = seed
         self.interrupt_grace = check_float("interrupt_grace", interrupt_grace, minimum=0.0)
@@ -190,9 +198,11 @@ class PipelineOptimizer:
     def _make_batcher(self, task: str) -> Batcher:
         if self.batcher_factory is not None:
             return self.batcher_factory(task)
-        from pipeopt.batching import FixedBatcher
+        from pipeopt.batching import AdaptiveBatcher, FixedBatcher
 
-        return FixedBatcher(self.batch_size)
+        if self.batch_latency_slo is None:
+            return FixedBatcher(self.batch_size)
+        return AdaptiveBatcher(self.batch_latency_slo, initial_size=self.batch_size)
 
     @property
     def store(self) -> RunStore | None:
