@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from pipeopt.graph import CompiledPipeline
 
 _PARK_FOR_BUSY_BREAKER = 0.05  # re-check a half-open breaker whose trial slots are all taken
+# (value, error, traceback text, cached, started, ended) of one attempt.
+_Ran = tuple[Any, BaseException | None, str | None, bool, float, float]
 _FAST_BODY_SECONDS = 50e-6  # bodies faster than this are claimed several at a time
 _FAST_CLAIM = 8
 
@@ -526,9 +528,14 @@ class RunLoop:
             if i is None:
                 time.sleep(wait)
                 continue
-            self._run_body(attempt)
+            ran = self._run_body(attempt)
+            timeout = core.compiled.tasks[attempt.index].timeout
+            if ran[1] is None and timeout is not None and ran[5] - ran[4] > timeout:
+                # The caller's thread cannot be interrupted: judge the attempt when it returns.
+                name = core.outcomes[attempt.index].name
+                ran = (None, TaskTimeoutError(name, timeout), None, False, ran[4], ran[5])
             with self.lock:
-                self._record(attempt)
+                self._record(attempt, ran)
 
     def _over(self) -> bool:
         return self.core.done or self.core.stopped
@@ -569,23 +576,23 @@ class RunLoop:
                             break
                         batch.append(self._begin(j))
                 lock.release()
-                ran = 0
+                outcomes: list[_Ran] = []
                 slow = False
                 try:
                     for attempt in batch:
-                        self._run_body(attempt)
-                        ran += 1
-                        if attempt.ended - attempt.started > _FAST_BODY_SECONDS:
+                        ran = self._run_body(attempt)
+                        outcomes.append(ran)
+                        if ran[5] - ran[4] > _FAST_BODY_SECONDS:
                             slow = True
                             break
                 finally:
                     lock.acquire()
                 claim = 1 if slow else _FAST_CLAIM
                 abandoned = False
-                for attempt in batch[:ran]:
+                for attempt, ran in zip(batch, outcomes, strict=False):
                     abandoned |= attempt.abandoned
-                    self._record(attempt)
-                for attempt in batch[ran:]:
+                    self._record(attempt, ran)
+                for attempt in batch[len(outcomes) :]:
                     # Claimed behind a body that turned out slow: let other workers have it.
                     if not attempt.abandoned:
                         del self._running[attempt.index]
@@ -613,13 +620,19 @@ class RunLoop:
             self._main.notify()
         return attempt
 
-    def _run_body(self, attempt: Attempt) -> None:
-        """Run one attempt outside the lock, keeping its value or error on ``attempt``."""
+    def _run_body(self, attempt: Attempt) -> _Ran:
+        """Run one attempt outside the lock and return how it went.
+
+        Nothing here writes the attempt's outcome: the main thread may time
+        the attempt out meanwhile, and only :meth:`_record`, under the lock,
+        decides which verdict stands.
+        """
         core = self.core
         i = attempt.index
         compiled = core.compiled
         task = compiled.tasks[i]
-        attempt.started = self._clock()
+        clock = self._clock
+        started = clock()
         try:
             injection = compiled.injections[i]
             results = core.results
@@ -631,14 +644,13 @@ class RunLoop:
                 key = attempt.cache_key = task.cache_key(**kwargs)
                 hit, cached_value = observer.cache_lookup(task.name, key)
                 if hit:
-                    attempt.value, attempt.cached = cached_value, True
-                    return
+                    return (cached_value, None, None, True, started, clock())
             if self._own_threads:
                 if injection.wants_context:
                     kwargs["context"] = self._context(i, attempt)
                 out = task.func(**kwargs)
-                attempt.value = resolve_output(out, injection.kind, task.timeout)
-                return
+                value = resolve_output(out, injection.kind, task.timeout)
+                return (value, None, None, False, started, clock())
             call = TaskCall(
                 task.name,
                 task.func,
@@ -651,26 +663,29 @@ class RunLoop:
             )
             if self.executor.inline:
                 context = self._context(i, attempt) if injection.wants_context else None
-                attempt.value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
+                value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
             else:
                 future = self.executor.submit(call, self._context(i, attempt))
                 attempt.future = future
-                attempt.value = future.result()
+                if attempt.abandoned:  # timed out while submitting: stop it now
+                    self.executor.cancel(future)
+                value = future.result()
+            return (value, None, None, False, started, clock())
         except BaseException as exc:
             error: BaseException = exc
-            attempt.text = traceback.format_exc()
+            text = traceback.format_exc()
             if isinstance(exc, TimeoutError) and task.timeout is not None:
                 # asyncio.wait_for and executors report a timeout as TimeoutError.
                 error = TaskTimeoutError(task.name, task.timeout)
                 error.__cause__ = exc
-            attempt.error = error
-        finally:
-            attempt.ended = self._clock()
+            return (None, error, text, False, started, clock())
 
-    def _record(self, attempt: Attempt) -> None:
-        """Record a finished attempt (caller holds the lock); ignore abandoned ones."""
+    def _record(self, attempt: Attempt, ran: _Ran) -> None:
+        """Record how an attempt went (caller holds the lock); ignore abandoned ones."""
         if attempt.abandoned:
             return
+        attempt.value, attempt.error, attempt.text, attempt.cached = ran[:4]
+        attempt.started, attempt.ended = ran[4], ran[5]
         del self._running[attempt.index]
         self._finish_attempt(attempt)
 
