@@ -14,7 +14,8 @@ after the other into a fresh table each:
 Halfway through, three secondary indexes are built on the table (not
 timed): rows get dearer, so the size that meets the SLO falls. That is the
 drift. The first phase holds about ``--batches-per-phase`` SLO-sized batches
-of the bare table, the second as many of the indexed one. The runners'
+of the bare table, the second as many of the indexed one, and at least two
+of the bare table's. The runners'
 order rotates between repetitions, so a slow spell of the (shared, 2-core)
 machine hits them all alike.
 
@@ -190,8 +191,8 @@ class Phase:
         self.latencies.append(latency)
 
     def settled_size(self) -> int:
-        """Return the median size of the second half of the phase."""
-        return int(statistics.median(self.sizes[len(self.sizes) // 2 :]))
+        """Return the median size of the last third of the phase."""
+        return int(statistics.median(self.sizes[-max(1, len(self.sizes) // 3) :]))
 
     @property
     def throughput(self) -> float:
@@ -303,16 +304,18 @@ def bench_sink(kind: str, args: argparse.Namespace, folder: Path) -> list[str]:
             "warmup",
             make_adaptive(slo),
             (per_phase, per_phase),
-            budget=2 * args.batches_per_phase * slo,
+            budget=5 * args.batches_per_phase * slo,
         )
         s_bare, s_indexed = (phase.settled_size() for phase in warm)
-        counts = (per_phase, args.batches_per_phase * max(100, round(s_indexed * 1.1)))
+        # Phase 2 must also outlast the first batches after the drift, which
+        # still have the bare table's size.
+        counts = (per_phase, max(args.batches_per_phase * round(s_indexed * 1.1), 2 * s_bare))
         sizes = sorted(
             {round(s_indexed * 0.75), round(s_indexed * 1.25), round(s_bare * 0.9)}
             | {round(s_bare * 1.25)}
         )
         print(
-            f"\n{kind}: small bare table a={a * 1e3:.2f} ms b={b * 1e6:.2f} µs/row; "
+            f"\n### {kind}\n\nsmall bare table a={a * 1e3:.2f} ms b={b * 1e6:.2f} µs/row; "
             f"warm-up sizes {s_bare:,} bare, {s_indexed:,} indexed; "
             f"{counts[0]:,} + {counts[1]:,} rows; fixed sizes {sizes}"
         )
@@ -325,29 +328,29 @@ def bench_sink(kind: str, args: argparse.Namespace, folder: Path) -> list[str]:
             order = runners[rep % len(runners) :] + runners[: rep % len(runners)]
             for name, make in order:
                 table = f"t_{name.replace(' ', '_')}_{rep}"
+                print(f"{kind} repetition {rep + 1}: {name}", file=sys.stderr)
                 figures.add(name, run(target, table, make(), counts))
     finally:
         target.close()
 
-    header = (
-        f"{'runner':<14} {'ph1 rows/s':>11} {'ph1 p95':>8} {'ph2 rows/s':>11} "
-        f"{'ph2 p95':>8} {'whole r/s':>10} {'over SLO':>9}"
+    print(
+        "\n| runner | phase 1 rows/s | phase 1 p95 | phase 2 rows/s | phase 2 p95 "
+        "| whole rows/s | batches over SLO |"
     )
-    print(header)
-    print("-" * len(header))
+    print("|---|---|---|---|---|---|---|")
     for name, reps in figures.runs.items():
         over = statistics.median(
             sum(t > slo for p in phases for t in p.latencies) for phases in reps
         )
         batches = statistics.median(sum(len(p.latencies) for p in phases) for phases in reps)
         print(
-            f"{name:<14} "
-            f"{statistics.median(p[0].throughput for p in reps):>11,.0f} "
-            f"{statistics.median(p[0].p95() for p in reps) * 1e3:>6.0f}ms "
-            f"{statistics.median(p[1].throughput for p in reps):>11,.0f} "
-            f"{statistics.median(p[1].p95() for p in reps) * 1e3:>6.0f}ms "
-            f"{statistics.median(whole(p) for p in reps):>10,.0f} "
-            f"{over:>4.0f}/{batches:<4.0f}"
+            f"| {name} "
+            f"| {statistics.median(p[0].throughput for p in reps):,.0f} "
+            f"| {statistics.median(p[0].p95() for p in reps) * 1e3:.0f} ms "
+            f"| {statistics.median(p[1].throughput for p in reps):,.0f} "
+            f"| {statistics.median(p[1].p95() for p in reps) * 1e3:.0f} ms "
+            f"| {statistics.median(whole(p) for p in reps):,.0f} "
+            f"| {over:.0f} of {batches:.0f} |"
         )
     lines = []
     for label, ratios in zip(
@@ -355,13 +358,12 @@ def bench_sink(kind: str, args: argparse.Namespace, folder: Path) -> list[str]:
     ):
         if ratios:
             text = (
-                f"{kind:<15} {label:<10} adaptive/oracle median {statistics.median(ratios):.3f} "
-                f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} reps)"
+                f"| {kind} | {label} | {statistics.median(ratios):.3f} "
+                f"| {min(ratios):.3f}–{max(ratios):.3f} | {len(ratios)} |"
             )
         else:
-            text = f"{kind:<15} {label:<10} no fixed size met the SLO"
+            text = f"| {kind} | {label} | no fixed size met the SLO | - | 0 |"
         lines.append(text)
-        print(text)
     return lines
 
 
@@ -393,10 +395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if kind == "sqlite":
                     raise
                 print(f"\n{kind}: skipped ({type(exc).__name__}: {exc})")
-            print(f"({kind}: {time.perf_counter() - began:.0f} s)")
-    print(f"\nsummary ({time.perf_counter() - started:.0f} s):")
+            print(f"{kind}: {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    print(f"\nadaptive/oracle, paired per repetition ({time.perf_counter() - started:.0f} s)\n")
+    print("| sink | phase | median | range | repetitions |")
+    print("|---|---|---|---|---|")
     for line in summary:
-        print("  " + line)
+        print(line)
     return 0
 
 

@@ -173,6 +173,13 @@ def measure(case: str, count: int, csv: Path) -> dict[str, Any]:
     return out
 
 
+def ratio(small: float, large: float) -> str:
+    """Return large/small, or "flat" when both are under 1 MiB (a ratio of noise)."""
+    if max(small, large) < 1024 * 1024:
+        return "flat (< 1 MiB)"
+    return f"{large / max(small, 1.0):.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table; return 0."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -188,25 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     small, large = (100_000, 1_000_000) if args.quick else (1_000_000, 10_000_000)
     started = time.perf_counter()
     mib = 1024 * 1024
-    print(f"chunks of {CHUNK:,} rows; peak memory while streaming, MiB")
-    header = (
-        f"{'case':<24} {'RSS ' + f'{small:,}':>14} {'RSS ' + f'{large:,}':>15} {'ratio':>6} "
-        f"{'traced ' + f'{small:,}':>17} {'traced ' + f'{large:,}':>18} {'ratio':>6}"
+    print(f"chunks of {CHUNK:,} rows; memory added while streaming, MiB\n")
+    print(
+        f"| case | RSS {small:,} | RSS {large:,} | ratio "
+        f"| traced {small:,} | traced {large:,} | ratio |"
     )
-    print(header)
-    print("-" * len(header))
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="pipeopt-stream-") as folder:
         files = {n: Path(folder) / f"rows-{n}.csv" for n in (small, large)}
         for n, path in files.items():
+            print(f"writing {n:,} rows of CSV", file=sys.stderr)
             write_csv(path, n)
         for case in CASES:
+            print(f"measuring {case}", file=sys.stderr)
             a = measure(case, small, files[small])
             b = measure(case, large, files[large])
-            rss_ratio = max(b["rss"], PAGE) / max(a["rss"], PAGE)
-            traced_ratio = b["traced"] / a["traced"]
             print(
-                f"{case:<24} {a['rss'] / mib:>14.1f} {b['rss'] / mib:>15.1f} {rss_ratio:>6.2f} "
-                f"{a['traced'] / mib:>17.2f} {b['traced'] / mib:>18.2f} {traced_ratio:>6.2f}"
+                f"| {case} | {a['rss'] / mib:.1f} | {b['rss'] / mib:.1f} "
+                f"| {ratio(a['rss'], b['rss'])} | {a['traced'] / mib:.2f} "
+                f"| {b['traced'] / mib:.2f} | {ratio(a['traced'], b['traced'])} |"
             )
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0

@@ -38,7 +38,7 @@ _PANDAS_HINT = "pip install 'pipeopt[pandas]'"
 def _import_pandas(what: str) -> Any:
     try:
         import pandas
-    except ImportError as exc:  # pragma: no cover - exercised only without pandas
+    except ImportError as exc:
         raise ImportError(f"{what} needs pandas: {_PANDAS_HINT}") from exc
     return pandas
 
@@ -46,7 +46,7 @@ def _import_pandas(what: str) -> Any:
 def _import_parquet(what: str) -> Any:
     try:
         import pyarrow.parquet
-    except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
+    except ImportError as exc:
         raise ImportError(f"{what} needs pyarrow: {_PANDAS_HINT}") from exc
     return pyarrow.parquet
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -343,6 +344,12 @@ def test_postgres_a_lost_connection_aborts_without_dead_letters(
     assert pg_rows(postgres_dsn, f"SELECT count(*) FROM {table}") == [(1000,)]
     found = pg_rows(postgres_dsn, f"SELECT to_regclass('{table}_dead_letter')")
     assert found == [(None,)]
+
+
+def test_missing_psycopg_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(ImportError, match=r"pip install 'pipeopt\[postgres\]'"):
+        PostgresSink("postgresql://nowhere", "t")
 
 
 def test_postgres_unreachable_is_a_sink_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -225,3 +226,17 @@ def test_parquet_reader_opens_nothing_before_next(tmp_path: Path) -> None:
     path.write_bytes(b"not parquet")
     with pytest.raises(pa.ArrowInvalid):
         next(chunks)
+
+
+def test_missing_pandas_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert list(stream_iterable(range(3), 2)) == [[0, 1], [2]]  # needs no pandas
+    calls: list[Callable[[], object]] = [
+        lambda: stream_dataframe(object(), 2),  # type: ignore[arg-type]
+        lambda: read_csv_chunks("rows.csv", 2),
+        lambda: read_parquet_chunks("rows.parquet", 2),
+    ]
+    for call in calls:
+        with pytest.raises(ImportError, match=r"pip install 'pipeopt\[pandas\]'"):
+            call()
