@@ -191,7 +191,7 @@ def test_sqlite_write_is_one_transaction(sqlite_path: Path) -> None:
 def test_sqlite_refuses_bad_setups(tmp_path: Path, sqlite_path: Path) -> None:
     with pytest.raises(SinkError, match=r"does not exist.*create=True"):
         SQLiteSink(tmp_path / "empty.db", "missing", create=False)
-    with pytest.raises(SinkError, match="has no column 'colour'"):
+    with pytest.raises(SinkError, match="has no writable column 'colour'"):
         SQLiteSink(sqlite_path, "items", columns=["id", "colour"])
     with pytest.raises(SinkError, match="cannot open SQLite database"):
         SQLiteSink(tmp_path / "no" / "such" / "dir.db", "t")

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeAlias, runtime_checkable
 
+from pipeopt.errors import SinkError
+
 __all__ = ["DeadLetter", "Row", "Sink"]
 
 Row: TypeAlias = Mapping[str, Any] | Sequence[Any]
@@ -196,6 +198,24 @@ class TableSink:
     def close(self) -> None:
         """Release the connection; closing twice is harmless."""
         self._closed = True
+
+    def _adopt_columns(self, existing: Sequence[str]) -> tuple[str, ...]:
+        """Take the table's columns, or check that the configured ones exist in it.
+
+        Raises:
+            SinkError: a configured column is not in the table.
+        """
+        if self._columns is None:
+            self._columns = tuple(existing)
+            return self._columns
+        missing = [c for c in self._columns if c not in existing]
+        if missing:
+            self.close()
+            raise SinkError(
+                f"table {self.table!r} has no writable column {', '.join(map(repr, missing))}; "
+                f"its columns are {', '.join(existing)}"
+            )
+        return self._columns
 
     def _values(self, rows: Sequence[Row], columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
         """Return ``rows`` as tuples in column order; a bad row raises ValueError or TypeError."""

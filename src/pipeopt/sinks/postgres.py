@@ -138,17 +138,7 @@ class PostgresSink(TableSink):
         if existing is None:
             self._conn.close()
             raise SinkError(f"table {self.table!r} does not exist; create it first")
-        if self._columns is None:
-            self._columns = existing
-        else:
-            missing = [c for c in self._columns if c not in existing]
-            if missing:
-                self._conn.close()
-                raise SinkError(
-                    f"table {self.table!r} has no writable column "
-                    f"{', '.join(map(repr, missing))}; its columns are {', '.join(existing)}"
-                )
-        self._statement = self._build_statement(self._columns)
+        self._statement = self._build_statement(self._adopt_columns(existing))
 
     def __repr__(self) -> str:
         return f"PostgresSink({self.table!r}, method={self.method!r})"

@@ -97,16 +97,8 @@ class SQLiteSink(TableSink):
                 )
             if self._columns is not None:
                 self._create_table(self._columns)
-        elif self._columns is None:
-            self._columns = existing
         else:
-            missing = [c for c in self._columns if c not in existing]
-            if missing:
-                self._conn.close()
-                raise SinkError(
-                    f"table {self.table!r} has no column {', '.join(map(repr, missing))}; "
-                    f"its columns are {', '.join(existing)}"
-                )
+            self._adopt_columns(existing)
 
     def __repr__(self) -> str:
         return f"SQLiteSink({self.path!r}, {self.table!r})"
