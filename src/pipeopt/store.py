@@ -1036,6 +1036,21 @@ class RunStore:
         return conn
 
     def _open(self) -> sqlite3.Connection:
+        # Two processes creating one store at once can meet SQLITE_BUSY where
+        # the busy handler does not apply (switching to WAL, first schema):
+        # try again until lock_timeout has passed.
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                return self._open_once()
+            except RunStoreError as exc:
+                cause = str(exc.__context__ or "")
+                locked = "locked" in cause or "busy" in cause
+                if not locked or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)
+
+    def _open_once(self) -> sqlite3.Connection:
         try:
             conn = self._connect()
         except sqlite3.Error as exc:
@@ -1046,7 +1061,9 @@ class RunStore:
                 raise RunStoreError(
                     self._corrupt_text("PRAGMA quick_check: " + "; ".join(problems[:3]))
                 )
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = conn.execute("PRAGMA journal_mode").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 _log.warning("run store %s: WAL mode not available, using %s", self.path, mode)
             self._ensure_schema(conn)

@@ -24,7 +24,7 @@ from pipeopt.dashboard import PipelineDashboard, generate_token
 pytestmark = pytest.mark.browser
 
 EVIL = "<img src=x onerror=alert(1)>"
-WAIT = 10.0
+WAIT = 20.0  # generous: CI machines are shared, and a cached body may be ~5 s old
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -126,6 +126,7 @@ def test_page_updates_live_and_shows_names_as_text(
             page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
             page.on("dialog", on_dialog)
             page.set_default_timeout(WAIT * 1000)
+            expect.set_options(timeout=WAIT * 1000)
 
             page.goto(dash.page_url)
             expect(page.locator("#pipeline")).to_have_text("browser-demo")
