@@ -100,7 +100,7 @@ def test_page_updates_live_and_shows_names_as_text(
     dialogs: list[str] = []
 
     def on_console(message: Any) -> None:
-        if message.type in ("error", "warning"):
+        if message.type == "error":
             errors.append(f"console {message.type}: {message.text}")
 
     def on_dialog(dialog: Any) -> None:
