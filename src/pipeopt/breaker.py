@@ -46,9 +46,7 @@ Invariants
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import enum
 import functools
 import inspect
@@ -63,7 +61,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from pipeopt._validate import check_float, check_int
-from pipeopt.errors import CircuitOpenError
+from pipeopt.errors import INTERRUPTS, CircuitOpenError
 
 __all__ = ["BreakerListener", "BreakerState", "BreakerStatistics", "CircuitBreaker"]
 
@@ -72,14 +70,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger("pipeopt.breaker")
 
-# These end a call without saying anything about the service it called.
-_NO_VERDICT: tuple[type[BaseException], ...] = (
-    KeyboardInterrupt,
-    SystemExit,
-    GeneratorExit,
-    asyncio.CancelledError,
-    concurrent.futures.CancelledError,
-)
 
 _names = itertools.count(1)
 _names_lock = threading.Lock()
@@ -180,7 +170,7 @@ class CircuitBreaker:
             raise TypeError(f"clock must be callable, got {type(clock).__name__} {clock!r}")
         self._clock = clock
         self.excluded: tuple[type[BaseException], ...] = _exception_types("excluded", excluded)
-        self._no_verdict = excluded + _NO_VERDICT
+        self._no_verdict = excluded + INTERRUPTS
 
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED

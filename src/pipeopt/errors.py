@@ -30,7 +30,19 @@ with a message naming the parameter, the rule and the value.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections.abc import Sequence
+
+# Interrupts and cancellations: they say nothing about a task or the service it
+# called, so retries never repeat them and circuit breakers never count them.
+INTERRUPTS: tuple[type[BaseException], ...] = (
+    KeyboardInterrupt,
+    SystemExit,
+    GeneratorExit,
+    asyncio.CancelledError,
+    concurrent.futures.CancelledError,
+)
 
 
 class PipeoptError(Exception):

@@ -43,7 +43,6 @@ Drivers
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import inspect
 import logging
@@ -54,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from pipeopt._validate import check_float, check_int
-from pipeopt.errors import RetryError, TaskTimeoutError
+from pipeopt.errors import INTERRUPTS, RetryError, TaskTimeoutError
 
 __all__ = ["RetryEvent", "RetryPolicy", "retry_with_backoff"]
 
@@ -63,14 +62,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger("pipeopt.retry")
 
-# Interrupts and cancellations: retrying them would fight the user or the event loop.
-_NEVER_RETRIED: tuple[type[BaseException], ...] = (
-    KeyboardInterrupt,
-    SystemExit,
-    GeneratorExit,
-    asyncio.CancelledError,
-    concurrent.futures.CancelledError,
-)
 
 RetryPredicate = Callable[[BaseException], bool]
 
@@ -201,9 +192,9 @@ class RetryPolicy:
         if self.give_up_on and isinstance(exc, self.give_up_on):
             return False
         retry_on = self.retry_on
-        if isinstance(exc, _NEVER_RETRIED):
+        if isinstance(exc, INTERRUPTS):
             return isinstance(retry_on, tuple) and any(
-                isinstance(exc, kind) and issubclass(kind, _NEVER_RETRIED) for kind in retry_on
+                isinstance(exc, kind) and issubclass(kind, INTERRUPTS) for kind in retry_on
             )
         if isinstance(exc, TaskTimeoutError):
             return self.retry_timeouts

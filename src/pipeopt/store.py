@@ -533,20 +533,7 @@ class _Recorder:
     def task_succeeded(self, task: str, result: Any, cache_key: str | None) -> None:
         """Queue the result with its attempt (called under the scheduler's lock)."""
         if self._held_task == task:
-            self._held_task = None
-            record = self._held_record
-            self._append(
-                (
-                    task,
-                    record.number,
-                    record.started_at,
-                    record.duration,
-                    self._held_state,
-                    result,
-                    cache_key,
-                    None,
-                )
-            )
+            self._queue_held(result, cache_key)
         else:
             if self._held_task is not None:
                 self.release_held()
@@ -565,22 +552,24 @@ class _Recorder:
 
     def release_held(self) -> None:
         """Queue a held successful attempt whose result never came."""
-        task = self._held_task
-        if task is not None:
-            self._held_task = None
-            record = self._held_record
-            self._append(
-                (
-                    task,
-                    record.number,
-                    record.started_at,
-                    record.duration,
-                    self._held_state,
-                    _NOTHING,
-                    None,
-                    None,
-                )
+        if self._held_task is not None:
+            self._queue_held(_NOTHING, None)
+
+    def _queue_held(self, result: Any, cache_key: str | None) -> None:
+        task, record = self._held_task, self._held_record
+        self._held_task = None
+        self._append(
+            (
+                task,
+                record.number,
+                record.started_at,
+                record.duration,
+                self._held_state,
+                result,
+                cache_key,
+                None,
             )
+        )
 
 
 class _End:
