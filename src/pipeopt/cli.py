@@ -20,7 +20,14 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pipeopt.errors import PipelineError, PipelineLoadError, PipeoptError
+from pipeopt.errors import (
+    PipelineError,
+    PipelineLoadError,
+    PipeoptError,
+    RunInterrupted,
+    UsageError,
+)
+from pipeopt.executors.registry import EXECUTOR_NAMES, create_executor
 from pipeopt.graph import Pipeline
 from pipeopt.priority import LABELS
 
@@ -31,10 +38,6 @@ if TYPE_CHECKING:
     from pipeopt.result import RunResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
-
-
-class UsageError(Exception):
-    """Bad command-line input; printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -225,9 +228,11 @@ def run_with_progress(
             watcher.start()
             try:
                 result = optimizer.run(pipeline, run_id=run_id)
-            except KeyboardInterrupt as exc:
-                result = exc.result  # type: ignore[attr-defined]
-                code = EXIT_SIGTERM if isinstance(exc, _Terminated) else EXIT_SIGINT
+            except RunInterrupted as exc:
+                if exc.result is None:
+                    raise
+                result = exc.result
+                code = EXIT_SIGTERM if isinstance(exc.reason, _Terminated) else EXIT_SIGINT
             finally:
                 stop.set()
                 watcher.join()
@@ -373,15 +378,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _executor(args: argparse.Namespace) -> Any:
-    if args.executor == "dask":
-        from pipeopt.executors import by_name
-
-        if args.dask_address:
-            from pipeopt.executors.dask import DaskExecutor
-
-            return DaskExecutor(address=args.dask_address)
-        return by_name("dask")
-    return args.executor
+    if args.dask_address and args.executor != "dask":
+        raise UsageError("--dask-address needs --executor dask")
+    return create_executor(args.executor, address=args.dask_address)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -406,9 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = subs.add_parser("run", help="run a pipeline: FILE[:PIPELINE]")
     run.add_argument("pipeline", metavar="FILE[:PIPELINE]")
     run.add_argument("--workers", "-w", type=int, default=None, help="task bodies at once")
-    run.add_argument(
-        "--executor", choices=("thread", "process", "async", "sync", "dask"), default="thread"
-    )
+    run.add_argument("--executor", choices=EXECUTOR_NAMES, default=EXECUTOR_NAMES[0])
     run.add_argument("--dask-address", default=None, help="tcp://host:port of a dask scheduler")
     run.add_argument("--fail-fast", action="store_true", help="cancel the rest on a failure")
     run.add_argument("--json", action="store_true", help="print the result as JSON")

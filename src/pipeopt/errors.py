@@ -4,13 +4,13 @@ Every error pipeopt raises on purpose derives from :class:`PipeoptError`, and
 each one also subclasses the builtin it specialises, so callers may catch
 either::
 
-    PipeoptError
+    PipeoptError(Exception)
     ├── PipelineError                       invalid pipeline or bad use of one
     │   ├── CycleError(ValueError)          .cycle: task names in order, first repeated last
     │   ├── SelfDependencyError(ValueError) .task
     │   ├── UnknownDependencyError(KeyError).task, .dependency, .suggestion
     │   ├── DuplicateTaskError(ValueError)  .task
-    │   ├── UnknownCriticalityError(ValueError) .value
+    │   ├── UnknownCriticalityError(ValueError) .value, .choices
     │   ├── NotCallableError(TypeError)     .task
     │   ├── PipelineRunningError(RuntimeError) .pipeline
     │   ├── NotPicklableError(TypeError)    .task (process executor)
@@ -18,11 +18,24 @@ either::
     │   └── PipelineLoadError(ValueError)   a FILE[:PIPELINE] that does not load
     ├── TaskError                           a task body's failure, as seen by callers
     │   ├── TaskTimeoutError(TimeoutError)  .task, .timeout
-    │   └── UpstreamFailedError(RuntimeError) .task, .upstream
+    │   ├── UpstreamFailedError(RuntimeError) .task, .upstream
+    │   ├── WorkerCrashedError(RuntimeError) .task, .attempt, .pid, .exitcode
+    │   └── RemoteTaskError(RuntimeError)   a body's error that could not be pickled back
+    ├── RemoteTraceback                     .text: another process's traceback, as a __cause__
     ├── RetryError(RuntimeError)            .last_exception, .attempts
     ├── CircuitOpenError(RuntimeError)      .breaker, .retry_after
     ├── SinkError(RuntimeError)             a sink that cannot be opened or written
-    └── RunStoreError(RuntimeError)         a run store that is missing, locked or corrupt
+    │   └── WriteAbortedError               .report: what was written before the sink failed
+    ├── RunStoreError(RuntimeError)         a run store that is missing, locked or corrupt
+    ├── BenchmarkError(RuntimeError)        a benchmark pipeline that did not succeed
+    └── UsageError(ValueError)              bad command-line input (one line, exit code 2)
+
+    KeyboardInterrupt
+    └── RunInterrupted                      .result: the partial RunResult, .reason
+
+:class:`RunInterrupted` is the one class outside ``PipeoptError``: it stands
+for Ctrl-C (or SIGTERM, or ``optimizer.interrupt()``), and deriving from
+``Exception`` would let every ``except Exception`` swallow it.
 
 Parameter validation raises the plain builtins (``ValueError``/``TypeError``)
 with a message naming the parameter, the rule and the value.
@@ -32,7 +45,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeopt.result import RunResult
+    from pipeopt.sinks.write import WriteReport
 
 # Interrupts and cancellations: they say nothing about a task or the service it
 # called, so retries never repeat them and circuit breakers never count them.
@@ -209,3 +228,99 @@ class TaskSignatureError(PipelineError, TypeError):
             f"(dependencies: {deps}); name it 'context' or after a dependency, "
             "or give it a default"
         )
+
+
+class WorkerCrashedError(TaskError, RuntimeError):
+    """A worker process died while it ran an attempt; retry policies may retry it.
+
+    Attributes:
+        task: the task whose attempt was lost.
+        attempt: the attempt's number.
+        pid: the dead process's id.
+        exitcode: its exit code; negative for the signal that killed it.
+    """
+
+    def __init__(self, task: str, attempt: int, pid: int | None, exitcode: int | None) -> None:
+        self.task = task
+        self.attempt = attempt
+        self.pid = pid
+        self.exitcode = exitcode
+        super().__init__(
+            f"task {task!r}: worker process {pid} died ({_describe_exit(exitcode)}) "
+            f"while running attempt {attempt}; the attempt failed and a retry policy may retry it"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.attempt, self.pid, self.exitcode))
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class RemoteTaskError(TaskError, RuntimeError):
+    """Stands in for a body's exception that could not be pickled back to the driver."""
+
+
+class RemoteTraceback(PipeoptError):
+    """The formatted traceback of an exception raised in another process.
+
+    Set as the ``__cause__`` of the error it explains, so that a traceback
+    printed in the driver shows where the body failed.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+class WriteAbortedError(SinkError):
+    """:func:`~pipeopt.sinks.write_batches` stopped because the sink, not the rows, failed.
+
+    Attributes:
+        report: what was written and dead-lettered before the failure.
+    """
+
+    def __init__(self, message: str, report: WriteReport) -> None:
+        self.report = report
+        super().__init__(
+            f"{message} ({report.rows_written} rows written and "
+            f"{report.rows_dead_lettered} dead-lettered before it)"
+        )
+
+
+class BenchmarkError(PipeoptError, RuntimeError):
+    """A benchmark pipeline did not succeed, so its timings mean nothing."""
+
+
+class UsageError(PipeoptError, ValueError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C, SIGTERM or ``optimizer.interrupt()`` before it finished.
+
+    Raised by :meth:`~pipeopt.PipelineOptimizer.run` after every task's final
+    state is recorded; ``except KeyboardInterrupt`` catches it.
+
+    Attributes:
+        result: the partial result: what finished, what was cancelled.
+        reason: the interrupt that stopped the run (a ``KeyboardInterrupt``
+            or a subclass a signal handler raised).
+    """
+
+    def __init__(self, result: RunResult | None, reason: BaseException | None = None) -> None:
+        self.result = result
+        self.reason = reason
+        name = f"run {result.run_id}" if result is not None else "run"
+        super().__init__(f"{name} interrupted")

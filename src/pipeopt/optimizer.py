@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from pipeopt._validate import check_float, check_int
-from pipeopt.executors.base import Executor, SyncExecutor, ThreadExecutor
+from pipeopt.errors import RunInterrupted, RunStoreError
+from pipeopt.executors.base import Executor
+from pipeopt.executors.registry import create_executor
 from pipeopt.metrics import OptimizerMetrics
 from pipeopt.result import RunResult, RunSnapshot, RunStatus, TaskState
 from pipeopt.scheduler import RunHooks, RunLoop, SchedulerCore
@@ -27,8 +29,6 @@ if TYPE_CHECKING:
     from pipeopt.store import RunStore
 
 _log = logging.getLogger("pipeopt.run")
-
-EXECUTORS = ("thread", "process", "async", "sync", "dask")
 
 _GC_TUNING_MIN_TASKS = 1_000
 _GC_YOUNG_THRESHOLD = 50_000
@@ -85,30 +85,6 @@ def new_run_id() -> str:
     return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def resolve_executor(executor: str | Executor) -> Executor:
-    """Return an executor instance for a name or pass an instance through.
-
-    Raises:
-        ValueError: the name is not one of :data:`EXECUTORS`.
-    """
-    if not isinstance(executor, str):
-        return executor
-    name = executor.strip().lower()
-    if name == "thread":
-        return ThreadExecutor()
-    if name == "sync":
-        return SyncExecutor()
-    if name in ("process", "async", "dask"):
-        from pipeopt import executors
-
-        factory = getattr(executors, "by_name", None)
-        if factory is not None:
-            resolved: Executor = factory(name)
-            return resolved
-        raise ValueError(f"executor {name!r} is not available in this build")
-    raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-
-
 class PipelineOptimizer:
     """Run pipelines in parallel by criticality, with metrics.
 
@@ -117,8 +93,9 @@ class PipelineOptimizer:
             baseline. Defaults to min(32, cpus + 4).
         executor: ``"thread"`` (default, I/O-bound work), ``"process"``,
             ``"async"``, ``"sync"`` (everything in the caller's thread, for
-            debugging), or an executor instance such as
-            ``pipeopt.executors.DaskExecutor()``.
+            debugging), ``"dask"`` (a local cluster), or an executor
+            instance such as ``pipeopt.executors.DaskExecutor(address=...)``;
+            see :data:`pipeopt.executors.EXECUTOR_NAMES`.
         fail_fast: on the first task failure, cancel everything not started.
         registry: the Prometheus registry to export to; a fresh one by default.
         aging_interval: seconds of waiting that promote a ready task one
@@ -139,6 +116,11 @@ class PipelineOptimizer:
             exist at the start and raise the garbage collector's young
             threshold (restored when the run ends); scheduling 100,000 tiny
             tasks is then about a third faster. Process-wide while it lasts.
+
+    Raises:
+        TypeError: ``executor`` is neither a name nor an executor instance.
+        ValueError: ``executor`` is not a known name, or another parameter
+            is out of range (the message names it and the valid values).
     """
 
     def __init__(
@@ -162,7 +144,7 @@ class PipelineOptimizer:
             if max_workers is None
             else check_int("max_workers", max_workers, minimum=1)
         )
-        self.executor = resolve_executor(executor)
+        self.executor = create_executor(executor)
         self.fail_fast = bool(fail_fast)
         if aging_interval is not None:
             aging_interval = check_float(
@@ -243,8 +225,6 @@ class PipelineOptimizer:
             RunStoreError: no store, no such run, or the structure changed
                 (the message lists the differences) and ``force`` is false.
         """
-        from pipeopt.errors import RunStoreError
-
         store = self.store
         if store is None:
             raise RunStoreError("resume needs a run store; pass state_dir=")
@@ -273,11 +253,14 @@ class PipelineOptimizer:
         The graph is checked before anything runs. Task failures do not
         raise: they are in the result (``result.raise_for_status()`` raises
         the first). ``KeyboardInterrupt`` stops dispatching, cancels what has
-        not started, records every task's state, and is re-raised with the
-        partial result on its ``result`` attribute.
+        not started, records every task's state, and raises
+        :class:`~pipeopt.errors.RunInterrupted` (a ``KeyboardInterrupt``) with
+        the partial result as its ``result``.
 
         Raises:
             PipelineError: the pipeline is invalid (see :mod:`pipeopt.errors`).
+            RunInterrupted: Ctrl-C (or a signal handler's ``KeyboardInterrupt``)
+                stopped the run.
         """
         if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
             with _gc_tuning:
@@ -362,8 +345,6 @@ class PipelineOptimizer:
         with self._lock:
             self._status = status
         if store is not None:
-            from pipeopt.errors import RunStoreError
-
             try:
                 store.end_run(result)
             except RunStoreError as exc:
@@ -379,8 +360,7 @@ class PipelineOptimizer:
             {k: v for k, v in result.counts().items() if v},
         )
         if interrupted is not None:
-            interrupted.result = result  # type: ignore[attr-defined]
-            raise interrupted
+            raise RunInterrupted(result, interrupted) from interrupted
         return result
 
     def interrupt(self) -> None:

@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pipeopt.errors import PipelineError, PipeoptError
+from pipeopt.errors import PipelineError, PipeoptError, RunInterrupted, UsageError
+from pipeopt.executors.registry import EXECUTOR_NAMES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -29,11 +30,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT = 0, 1, 2, 130
 SHOW_LIMIT = 200  # task rows `show` prints without --all
-EXECUTORS = ("thread", "process", "async", "sync", "dask")
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +79,9 @@ def add_parsers(subparsers: Any) -> None:
         "--force", action="store_true", help="resume even if the pipeline's structure changed"
     )
     resume.add_argument("--workers", "-w", type=int, default=None, help="default: as the run")
-    resume.add_argument("--executor", choices=EXECUTORS, default=None, help="default: as the run")
+    resume.add_argument(
+        "--executor", choices=EXECUTOR_NAMES, default=None, help="default: as the run"
+    )
     resume.add_argument("--fail-fast", action="store_true", help="cancel the rest on a failure")
     resume.add_argument("--json", action="store_true", help="print the result as JSON")
     resume.add_argument("--state-dir", default=None, help=state_help)
@@ -340,7 +338,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     try:
         result = optimizer.resume(pipeline, run.run_id, force=args.force)
     except KeyboardInterrupt as exc:
-        partial: RunResult | None = getattr(exc, "result", None)
+        partial: RunResult | None = exc.result if isinstance(exc, RunInterrupted) else None
         if partial is None:
             _finish(optimizer, None, source)
             print("pipeopt: interrupted", file=sys.stderr)

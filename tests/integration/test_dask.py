@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from pipeopt import Pipeline, PipelineOptimizer, PipelineTask, RunResult, RunStatus, TaskState
-from pipeopt.executors import by_name
+from pipeopt.executors import create_executor
 from pipeopt.retry import RetryPolicy
 
 pytestmark = pytest.mark.dask
@@ -189,7 +189,7 @@ def test_missing_distributed_gives_an_install_hint(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ImportError, match=r"pip install 'pipeopt\[dask\]'"):
         DaskExecutor()
     with pytest.raises(ImportError, match=r"pip install 'pipeopt\[dask\]'"):
-        by_name("dask")
+        create_executor("dask")
 
 
 # -- a real cluster ----------------------------------------------------------------

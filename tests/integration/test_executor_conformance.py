@@ -43,10 +43,10 @@ from pipeopt import (
     UpstreamFailedError,
 )
 from pipeopt.errors import NotPicklableError
-from pipeopt.executors import Executor, by_name
+from pipeopt.executors import EXECUTOR_NAMES, Executor, create_executor
 from pipeopt.retry import RetryPolicy
 
-EXECUTORS = ("thread", "sync", "process", "async", "dask")
+EXECUTORS = EXECUTOR_NAMES
 
 # Set at the end of every test, so that bodies abandoned on a timeout in
 # this process (thread, async and in-process Dask workers) stop waiting.
@@ -226,7 +226,7 @@ def make_executor(request: pytest.FixtureRequest, executor_name: str) -> Callabl
         return lambda: DaskExecutor(client=client)
     if executor_name == "process":
         return process_executor
-    return lambda: by_name(executor_name)
+    return lambda: create_executor(executor_name)
 
 
 @pytest.fixture
@@ -417,7 +417,7 @@ def test_metrics_reach_the_registry(make_executor: Callable[[], Executor], ledge
 
 @pytest.mark.parametrize("name", ["thread", "sync", "process", "async"])
 def test_executors_are_found_by_name(name: str) -> None:
-    executor = by_name(name)
+    executor = create_executor(name)
     assert executor.name == name
     assert isinstance(executor, Executor)
     assert executor.inline is (name in ("thread", "sync"))
@@ -425,8 +425,8 @@ def test_executors_are_found_by_name(name: str) -> None:
 
 
 def test_an_unknown_executor_name_lists_the_choices() -> None:
-    with pytest.raises(ValueError, match="executor must be one of thread, sync, process"):
-        by_name("gpu")
+    with pytest.raises(ValueError, match="executor must be one of thread, process, async"):
+        create_executor("gpu")
 
 
 # -- process executor ------------------------------------------------------------

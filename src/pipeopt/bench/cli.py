@@ -47,6 +47,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pipeopt.errors import BenchmarkError, UsageError
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -55,10 +57,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 QUICK_SCALE = 0.25
 DEFAULT_REPEAT, QUICK_REPEAT = 5, 1
-
-
-class BenchUsageError(Exception):
-    """Bad ``pipeopt bench`` input: printed as one line, exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,10 +131,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``pipeopt bench`` with parsed ``args`` and return the exit code."""
     try:
         return _run(args)
-    except BenchUsageError as exc:
+    except UsageError as exc:
         print(f"pipeopt bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except _WorkloadFailed as exc:
+    except BenchmarkError as exc:
         print(f"pipeopt bench: {exc}", file=sys.stderr)
         return EXIT_REGRESSION
 
@@ -149,49 +147,49 @@ def _run(args: argparse.Namespace) -> int:
     workloads = list(dict.fromkeys(args.workloads or BUILTIN_WORKLOADS))
     for name in workloads:
         if name not in BUILTIN_WORKLOADS:
-            raise BenchUsageError(
+            raise UsageError(
                 f"unknown workload {name!r}; choose from {', '.join(BUILTIN_WORKLOADS)}"
             )
     if args.workers < 2:
-        raise BenchUsageError(f"--workers must be an integer >= 2, got {args.workers}")
+        raise UsageError(f"--workers must be an integer >= 2, got {args.workers}")
     repeat = (
         args.repeat if args.repeat is not None else (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
     )
     if repeat < 1:
-        raise BenchUsageError(f"--repeat must be an integer >= 1, got {repeat}")
+        raise UsageError(f"--repeat must be an integer >= 1, got {repeat}")
     scale = args.scale if args.scale is not None else (QUICK_SCALE if args.quick else 1.0)
     if not math.isfinite(scale) or not 0 < scale <= 100:
-        raise BenchUsageError(f"--scale must be a number > 0 and <= 100, got {scale}")
+        raise UsageError(f"--scale must be a number > 0 and <= 100, got {scale}")
     if not math.isfinite(args.tolerance) or not 0 <= args.tolerance < 1:
-        raise BenchUsageError(f"--tolerance must be >= 0 and < 1, got {args.tolerance}")
+        raise UsageError(f"--tolerance must be >= 0 and < 1, got {args.tolerance}")
     try:
         peers = parse_peers(args.compare or "")
     except ValueError as exc:
-        raise BenchUsageError(f"--compare: {exc}") from None
+        raise UsageError(f"--compare: {exc}") from None
     if args.compare is not None and not peers:
-        raise BenchUsageError("--compare needs at least one peer, e.g. --compare dask,threadpool")
+        raise UsageError("--compare needs at least one peer, e.g. --compare dask,threadpool")
     if any(p.startswith("dask") for p in peers) and not _has_module("dask"):
-        raise BenchUsageError("--compare dask needs dask: pip install 'pipeopt[dask]'")
+        raise UsageError("--compare dask needs dask: pip install 'pipeopt[dask]'")
     if "dask-distributed" in peers and not _has_module("distributed"):
-        raise BenchUsageError(
+        raise UsageError(
             "--compare dask-distributed needs distributed: pip install 'pipeopt[dask]'"
         )
     if args.png and not _has_module("matplotlib"):
-        raise BenchUsageError("--png needs matplotlib: pip install 'pipeopt[bench]'")
+        raise UsageError("--png needs matplotlib: pip install 'pipeopt[bench]'")
     for option, value in (("--out", args.out), ("--png", args.png)):
         if value and not Path(value).expanduser().resolve().parent.is_dir():
-            raise BenchUsageError(f"{option}: no such directory for {value}")
+            raise UsageError(f"{option}: no such directory for {value}")
     baseline: BenchmarkReport | None = None
     if args.check:
         try:
             baseline = BenchmarkReport.read_json(args.check)
         except OSError as exc:
-            raise BenchUsageError(f"--check: cannot read {args.check}: {exc.strerror}") from None
+            raise UsageError(f"--check: cannot read {args.check}: {exc.strerror}") from None
         except ValueError as exc:
-            raise BenchUsageError(f"--check: {exc}") from None
+            raise UsageError(f"--check: {exc}") from None
         common = {w.workload for w in baseline.workloads} & set(workloads)
         if not common:
-            raise BenchUsageError(
+            raise UsageError(
                 f"--check: {args.check} has none of the workloads run ({', '.join(workloads)})"
             )
 
@@ -254,12 +252,8 @@ def _run_with_progress(suite: Any, workloads: Sequence[str]) -> BenchmarkReport:
             report: BenchmarkReport = suite.run(workloads, progress=update)
         except RuntimeError as exc:
             progress.stop()
-            raise _WorkloadFailed(str(exc)) from exc
+            raise BenchmarkError(str(exc)) from exc
     return report
-
-
-class _WorkloadFailed(Exception):
-    """A benchmark pipeline did not succeed: printed as one line, exit code 1."""
 
 
 def summary_table(report: BenchmarkReport) -> Any:
@@ -322,7 +316,7 @@ def _has_module(name: str) -> bool:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise BenchUsageError(f"{message} (see --help)")
+        raise UsageError(f"{message} (see --help)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     try:
         args = parser.parse_args(argv)
-    except BenchUsageError as exc:
+    except UsageError as exc:
         print(f"pipeopt bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -54,7 +54,9 @@ from typing import TYPE_CHECKING, Any
 from pipeopt.bench.report import BenchmarkReport, PeerResult, WorkloadResult
 from pipeopt.bench.workloads import BUILTIN_WORKLOADS, cpu_body, process_executor_available
 from pipeopt.context import ExecutionContext
+from pipeopt.errors import BenchmarkError
 from pipeopt.executors.base import resolve_output
+from pipeopt.executors.registry import EXECUTOR_NAMES
 from pipeopt.graph import Pipeline, PipelineTask
 
 if TYPE_CHECKING:
@@ -207,15 +209,24 @@ class BenchmarkSuite:
         Args:
             name: the workload's name in reports; replaces a workload of that name.
             pipeline_factory: returns a fresh :class:`Pipeline` each call.
-            executor: executor of the optimized run (``thread``, ``process``, ...).
+            executor: executor of the optimized run, one of
+                :data:`~pipeopt.executors.EXECUTOR_NAMES`.
             cpu_bound: the task bodies are pure Python (for the lower bound).
             is_dag: false when the tasks share a serial resource, which voids
                 the lower bound.
+
+        Raises:
+            ValueError: an empty name or an unknown executor.
+            TypeError: ``pipeline_factory`` is not callable.
         """
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"workload name must be a non-empty string, got {name!r}")
         if not callable(pipeline_factory):
             raise TypeError(f"pipeline_factory must be callable, got {pipeline_factory!r}")
+        if executor not in EXECUTOR_NAMES:
+            raise ValueError(
+                f"executor must be one of {', '.join(EXECUTOR_NAMES)}, got {executor!r}"
+            )
 
         def factory(workdir: Path) -> Pipeline:
             del workdir
@@ -244,7 +255,7 @@ class BenchmarkSuite:
 
         Raises:
             KeyError: a name is not a registered workload.
-            RuntimeError: a run did not succeed (the workload is broken).
+            BenchmarkError: a run did not succeed (the workload is broken).
         """
         chosen = list(names) if names else self.workloads
         for name in chosen:
@@ -435,7 +446,7 @@ def _run_pipeopt(
     if not result.ok:
         failed = {n: repr(o.error) for n, o in result.tasks.items() if o.error is not None}
         first = next(iter(failed.items()), ("?", "no error recorded"))
-        raise RuntimeError(
+        raise BenchmarkError(
             f"benchmark pipeline {pipeline.name!r} {result.status.value}: "
             f"task {first[0]!r} failed with {first[1]}"
         )

@@ -370,19 +370,14 @@ BUILTIN_WORKLOADS: dict[str, BuiltinWorkload] = {
 
 
 def process_executor_available() -> bool:
-    """Return whether ``pipeopt.executors.by_name("process")`` gives an executor."""
+    """Return whether a process executor can be created here."""
     try:
-        from pipeopt import executors
+        from pipeopt.executors.registry import create_executor
 
-        factory = getattr(executors, "by_name", None)
-        if factory is None:
-            return False
-        executor = factory("process")
+        executor = create_executor("process")
     except Exception:  # any failure means: not usable here, fall back to threads
         return False
-    shutdown = getattr(executor, "shutdown", None)
-    if callable(shutdown):
-        shutdown()
+    executor.shutdown()
     return True
 
 

@@ -64,7 +64,12 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from pipeopt._validate import check_float, check_int
-from pipeopt.errors import NotPicklableError, TaskError
+from pipeopt.errors import (
+    NotPicklableError,
+    RemoteTaskError,
+    RemoteTraceback,
+    WorkerCrashedError,
+)
 from pipeopt.executors.base import close_thread_loop, resolve_output
 
 if TYPE_CHECKING:
@@ -80,8 +85,6 @@ __all__ = [
     "ProcessExecutor",
     "RemoteContext",
     "RemoteOutcome",
-    "RemoteTraceback",
-    "WorkerCrashedError",
     "run_remote",
 ]
 
@@ -90,56 +93,6 @@ _START_METHODS = ("forkserver", "spawn")
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 _ASYNC_KINDS = ("coroutine", "async_generator")
 _TIMEOUT_SLACK = 0.1  # seconds
-
-
-class WorkerCrashedError(TaskError, RuntimeError):
-    """A worker process died while it ran an attempt; retry policies may retry it.
-
-    Attributes:
-        task: the task whose attempt was lost.
-        attempt: the attempt's number.
-        pid: the dead process's id.
-        exitcode: its exit code; negative for the signal that killed it.
-    """
-
-    def __init__(self, task: str, attempt: int, pid: int | None, exitcode: int | None) -> None:
-        self.task = task
-        self.attempt = attempt
-        self.pid = pid
-        self.exitcode = exitcode
-        super().__init__(
-            f"task {task!r}: worker process {pid} died ({_describe_exit(exitcode)}) "
-            f"while running attempt {attempt}; the attempt failed and a retry policy may retry it"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.task, self.attempt, self.pid, self.exitcode))
-
-
-def _describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exit status unknown"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
-
-
-class RemoteTraceback(Exception):
-    """The formatted traceback of an exception raised in another process."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
-
-
-class RemoteTaskError(RuntimeError):
-    """Stands in for a body's exception that could not be pickled back to the driver."""
 
 
 class RemoteContext:

@@ -13,10 +13,11 @@
 imported when a sink is created, not by this package.
 """
 
+from pipeopt.errors import SinkError, WriteAbortedError
 from pipeopt.sinks.base import DeadLetter, Row, Sink
 from pipeopt.sinks.postgres import PostgresSink
 from pipeopt.sinks.sqlite import SQLiteSink
-from pipeopt.sinks.write import WriteAbortedError, WriteReport, write_batches
+from pipeopt.sinks.write import WriteReport, write_batches
 
 __all__ = [
     "DeadLetter",
@@ -24,6 +25,7 @@ __all__ = [
     "Row",
     "SQLiteSink",
     "Sink",
+    "SinkError",
     "WriteAbortedError",
     "WriteReport",
     "write_batches",

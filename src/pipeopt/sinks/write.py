@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeopt._validate import check_int
-from pipeopt.errors import SinkError
+from pipeopt.errors import WriteAbortedError
 from pipeopt.sinks.base import DeadLetter, Row, Sink, describe_error
 
 if TYPE_CHECKING:
     from pipeopt.batching import Batcher
 
-__all__ = ["WriteAbortedError", "WriteReport", "write_batches"]
+__all__ = ["WriteReport", "write_batches"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,21 +82,6 @@ class WriteReport:
     def rows_per_second(self) -> float:
         """Return rows written per second of wall time (0.0 before any time passed)."""
         return self.rows_written / self.seconds if self.seconds > 0 else 0.0
-
-
-class WriteAbortedError(SinkError):
-    """:func:`write_batches` stopped because the sink, not the rows, failed.
-
-    Attributes:
-        report: what was written and dead-lettered before the failure.
-    """
-
-    def __init__(self, message: str, report: WriteReport) -> None:
-        self.report = report
-        super().__init__(
-            f"{message} ({report.rows_written} rows written and "
-            f"{report.rows_dead_lettered} dead-lettered before it)"
-        )
 
 
 @dataclass
