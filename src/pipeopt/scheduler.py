@@ -442,9 +442,11 @@ class RunLoop:
             self._run_in_caller()
             return
         count = max(1, min(self.max_workers, core.total))
-        for _ in range(count):
-            self._spawn_worker()
         try:
+            # Inside the try: the first workers run bodies while the others start,
+            # so an interrupt may arrive here already.
+            for _ in range(count):
+                self._spawn_worker()
             with self.lock:
                 while not core.done:
                     self._expire_deadlines()
