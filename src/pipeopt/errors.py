@@ -27,6 +27,7 @@ either::
     ├── SinkError(RuntimeError)             a sink that cannot be opened or written
     │   └── WriteAbortedError               .report: what was written before the sink failed
     ├── RunStoreError(RuntimeError)         a run store that is missing, locked or corrupt
+    │   └── RunLockedError                  .run_id, .host, .pid: another process resumes the run
     ├── BenchmarkError(RuntimeError)        a benchmark pipeline that did not succeed
     └── UsageError(ValueError)              bad command-line input (one line, exit code 2)
 
@@ -214,6 +215,22 @@ class SinkError(PipeoptError, RuntimeError):
 
 class RunStoreError(PipeoptError, RuntimeError):
     """The run store is missing, locked or corrupt."""
+
+
+class RunLockedError(RunStoreError):
+    """Another live process is resuming the same run."""
+
+    def __init__(self, run_id: str, host: str, pid: int) -> None:
+        self.run_id = run_id
+        self.host = host
+        self.pid = pid
+        super().__init__(
+            f"run {run_id} is being resumed by another process (pid {pid} on {host}); "
+            "wait for it to end, or stop it, then resume again"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.run_id, self.host, self.pid))
 
 
 class TaskSignatureError(PipelineError, TypeError):

@@ -224,21 +224,24 @@ class PipelineOptimizer:
         Raises:
             RunStoreError: no store, no such run, or the structure changed
                 (the message lists the differences) and ``force`` is false.
+            RunLockedError: another live process is resuming the same run
+                (one resume of a run at a time; a dead one's lock is taken over).
         """
         store = self.store
         if store is None:
             raise RunStoreError("resume needs a run store; pass state_dir=")
         compiled = pipeline.compile()
         previous = store.resolve_run(run_id, pipeline=pipeline.name)
-        differences = store.structure_diff(previous, compiled)
-        if differences and not force:
-            listed = "; ".join(differences)
-            raise RunStoreError(
-                f"pipeline {pipeline.name!r} changed since run {previous}: {listed}; "
-                "use --force to resume anyway"
-            )
-        preloaded = store.load_results(previous, names=set(compiled.index))
-        return self.run(pipeline, _preloaded=preloaded, _resumed_from=previous)
+        with store.lock_run(previous):
+            differences = store.structure_diff(previous, compiled)
+            if differences and not force:
+                listed = "; ".join(differences)
+                raise RunStoreError(
+                    f"pipeline {pipeline.name!r} changed since run {previous}: {listed}; "
+                    "use --force to resume anyway"
+                )
+            preloaded = store.load_results(previous, names=set(compiled.index))
+            return self.run(pipeline, _preloaded=preloaded, _resumed_from=previous)
 
     def run(
         self,
