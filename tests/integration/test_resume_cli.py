@@ -364,3 +364,107 @@ def test_store_commands_fail_with_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in broken.stderr
         assert "not a usable run store" in broken.stderr
     assert store_file.read_bytes() == before
+
+
+# -- one resume of a run at a time ---------------------------------------------------
+
+
+def start_resume(space: Workspace, run_id: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeopt.store_cli",
+            "resume",
+            run_id,
+            "--file",
+            str(space.pipeline),
+            "--state-dir",
+            str(space.state),
+        ],
+        env=space.env,
+        cwd=space.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def crashed_run(space: Workspace) -> str:
+    run = [sys.executable, "-m", "pipeopt.cli", "run", str(space.pipeline)]
+    kill_halfway(space, [*run, "--workers", "12", "--state-dir", str(space.state)])
+    with RunStore(space.state, read_only=True) as store:
+        return store.resolve_run(None)
+
+
+def first_to_exit(procs: list[subprocess.Popen[str]], timeout: float) -> subprocess.Popen[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(0.02)
+    raise AssertionError("neither resume ended while the other held the run")
+
+
+def lock_holders(state: Path) -> list[int]:
+    import sqlite3
+
+    conn = sqlite3.connect(state / "runs.sqlite")
+    try:
+        return [int(row[0]) for row in conn.execute("SELECT pid FROM run_locks")]
+    finally:
+        conn.close()
+
+
+def test_two_resumes_of_one_run_started_at_once_run_it_once(
+    tmp_path: Path, reference: tuple[str, str]
+) -> None:
+    space = Workspace(tmp_path, "race")
+    crashed = crashed_run(space)
+    # The gate stays shut: whichever resume holds the run blocks in its loads.
+    racers = [start_resume(space, crashed), start_resume(space, crashed)]
+    try:
+        loser = first_to_exit(racers, timeout=30)
+        _out, err = loser.communicate()
+        assert loser.returncode == 2, err
+        assert err.count("\n") == 1, err
+        assert "is being resumed by another process" in err
+        [winner] = [p for p in racers if p is not loser]
+        assert winner.poll() is None
+        assert lock_holders(space.state) == [winner.pid]
+        space.gate.touch()
+        _out, err = winner.communicate(timeout=60)
+        assert winner.returncode == 0, err
+    finally:
+        for proc in racers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    check_resumed(space, reference)  # every task once: the loser ran nothing
+    assert lock_holders(space.state) == []
+
+
+def test_the_lock_of_a_killed_resume_is_taken_over(
+    tmp_path: Path, reference: tuple[str, str]
+) -> None:
+    space = Workspace(tmp_path, "stale")
+    crashed = crashed_run(space)
+    holder = start_resume(space, crashed)
+    try:
+        deadline = time.monotonic() + 30
+        while not (space.state / "runs.sqlite").exists() or not lock_holders(space.state):
+            assert holder.poll() is None, holder.communicate()[1]
+            assert time.monotonic() < deadline, "the first resume never locked the run"
+            time.sleep(0.02)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate(timeout=30)
+    assert lock_holders(space.state) == [holder.pid]  # left behind by kill -9
+
+    space.gate.touch()
+    again = start_resume(space, crashed)
+    _out, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err
+    check_resumed(space, reference)
+    assert lock_holders(space.state) == []
