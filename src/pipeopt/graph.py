@@ -469,20 +469,6 @@ class CompiledPipeline:
                 stack.extend(self.dependents[j])
         return sorted(seen)
 
-    def fingerprint(self) -> str:
-        """Return a stable hash of the graph's structure (names, edges, settings)."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        for task in sorted(self.tasks, key=lambda t: t.name):
-            digest.update(task.name.encode())
-            digest.update(b"\0")
-            digest.update("\x1f".join(sorted(task.dependency_names)).encode())
-            digest.update(b"\0")
-            digest.update(parse_criticality(task.criticality).label.encode())
-            digest.update(b"\n")
-        return digest.hexdigest()[:16]
-
 
 def expected_cost(task: PipelineTask) -> float:
     """Return the task's cost hint in seconds (1.0 when unknown)."""
