@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from pipeopt.errors import RunStoreError
-from pipeopt.store import schema
+from pipeopt.store.schema import SCHEMA_VERSION, create_or_upgrade, stored_version
 
 _log = logging.getLogger("pipeopt.store")
 
@@ -181,20 +181,20 @@ class Database:
             _log.warning("run store %s: WAL mode not available, using %s", self.path, mode)
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
-        version = schema.stored_version(conn)
-        if version is not None and version > schema.SCHEMA_VERSION:
+        version = stored_version(conn)
+        if version is not None and version > SCHEMA_VERSION:
             raise RunStoreError(
                 f"the run store {self.path} was written by a newer pipeopt "
-                f"(schema {version}, this one reads {schema.SCHEMA_VERSION}); "
+                f"(schema {version}, this one reads {SCHEMA_VERSION}); "
                 "upgrade pipeopt or pass another state dir"
             )
         if self.read_only:
             if version is None:
                 raise RunStoreError(self.corrupt_text("no run store tables"))
             return  # an older layout reads alike; upgrading it is a write
-        if version != schema.SCHEMA_VERSION:
+        if version != SCHEMA_VERSION:
             with self.transaction(conn, "create the run store"):
-                schema.create_or_upgrade(conn)
+                create_or_upgrade(conn)
 
     # -- errors ------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """What resume and the result cache read, and the lock that keeps a resume alone.
 
 Resume
-    :func:`load_results` returns the results of the tasks that succeeded in
+    :func:`read_results` returns the results of the tasks that succeeded in
     a run or in any run it resumed from (the newest wins), so a chain of
     crashed and resumed runs loses nothing. A run still going on in another
     live process cannot be resumed. Dependents do not wait for their
@@ -48,7 +48,7 @@ from pipeopt.store.records import R_CACHE, R_NULL, R_PICKLED, CacheRef
 _log = logging.getLogger("pipeopt.store")
 
 
-def load_results(
+def read_results(
     reader: RunReader, conn: sqlite3.Connection, run_id: str, names: set[str]
 ) -> dict[str, Any]:
     """Return the stored results of the tasks in ``names`` that succeeded (see above).

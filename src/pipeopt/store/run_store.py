@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 from pipeopt._validate import check_float, check_int
 from pipeopt.errors import RunStoreError
 from pipeopt.result import RunResult
-from pipeopt.store import resume
 from pipeopt.store.connection import Database, SharedConnection
 from pipeopt.store.liveness import HOST, process_start
 from pipeopt.store.queries import RunReader
 from pipeopt.store.recorder import Recorder
 from pipeopt.store.records import RunDetail, RunSummary
+from pipeopt.store.resume import acquire_lock, cached_result, read_results, release_lock
 from pipeopt.store.structure import StructureEncoder, differences
 from pipeopt.store.writer import End, Flush, Writer
 
@@ -237,7 +237,7 @@ class RunStore:
     def _cached_result(self, pipeline: str, task: str, key: str) -> tuple[int, Any] | None:
         try:
             with self._shared.reading("look up a cached result") as conn:
-                return resume.cached_result(conn, pipeline, task, key)
+                return cached_result(conn, pipeline, task, key)
         except RunStoreError as exc:
             _log.warning("task %r: cache lookup failed, running it: %s", task, exc)
             return None
@@ -321,7 +321,7 @@ class RunStore:
             RunStoreError: no such run, or it is still running in a live process.
         """
         with self._shared.reading(f"read the results of run {run_id}") as conn:
-            return resume.load_results(self._reader, conn, run_id, names)
+            return read_results(self._reader, conn, run_id, names)
 
     @contextlib.contextmanager
     def lock_run(self, run_id: str) -> Iterator[None]:
@@ -332,13 +332,13 @@ class RunStore:
                 lock is taken over.
         """
         with self._shared.writing(f"lock run {run_id}") as conn:
-            resume.acquire_lock(conn, run_id)
+            acquire_lock(conn, run_id)
         try:
             yield
         finally:
             try:
                 with self._shared.writing(f"unlock run {run_id}") as conn:
-                    resume.release_lock(conn, run_id)
+                    release_lock(conn, run_id)
             except RunStoreError as exc:
                 # Left behind, the lock is stale once this process ends.
                 _log.warning("run %s: could not release the resume lock: %s", run_id, exc)
