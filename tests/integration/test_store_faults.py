@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sqlite3
 import subprocess
 import sys
@@ -233,6 +234,8 @@ def test_a_held_run_is_refused_and_released_after(tmp_path: Path) -> None:
             assert (info.value.run_id, info.value.pid) == (run_id, os.getpid())
             assert isinstance(info.value, RunStoreError)
             assert "is being resumed by another process" in str(info.value)
+            copy = pickle.loads(pickle.dumps(info.value))
+            assert (copy.run_id, copy.host, copy.pid) == (run_id, info.value.host, os.getpid())
             with pytest.raises(RunLockedError):
                 PipelineOptimizer(state_dir=second).resume(pipeline(), run_id)
         with second.lock_run(run_id):  # released: free again
