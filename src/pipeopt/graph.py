@@ -66,6 +66,9 @@ class PipelineTask:
             run store can reuse it.
         persist: whether a run store may keep the result.
         description: free text shown by ``pipeopt graph`` and the dashboard.
+        group: names the task's metrics group: pipelines above a size report
+            Prometheus series per group instead of per task (see
+            :mod:`pipeopt.metrics`); ``None`` uses the criticality label.
     """
 
     name: str
@@ -79,6 +82,7 @@ class PipelineTask:
     cache_key: Callable[..., str] | None = None
     persist: bool = True
     description: str = ""
+    group: str | None = None
     _deps: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +117,10 @@ class PipelineTask:
             )
         if self.cache_key is not None and not callable(self.cache_key):
             raise TypeError(f"task {self.name!r}: cache_key must be callable or None")
+        if self.group is not None and (not isinstance(self.group, str) or not self.group.strip()):
+            raise ValueError(
+                f"task {self.name!r}: group must be a non-empty string or None, got {self.group!r}"
+            )
 
     @property
     def dependency_names(self) -> tuple[str, ...]:
@@ -217,6 +225,7 @@ class Pipeline:
         cache_key: Callable[..., str] | None = None,
         persist: bool = True,
         description: str | None = None,
+        group: str | None = None,
     ) -> Callable[[Callable[..., Any]], PipelineTask]: ...
 
     def task(
@@ -234,6 +243,7 @@ class Pipeline:
         cache_key: Callable[..., str] | None = None,
         persist: bool = True,
         description: str | None = None,
+        group: str | None = None,
     ) -> PipelineTask | Callable[[Callable[..., Any]], PipelineTask]:
         """Register a function as a task; use bare (``@p.task``) or with options.
 
@@ -262,6 +272,7 @@ class Pipeline:
                     description=description
                     if description is not None
                     else (inspect.getdoc(f) or "").split("\n", 1)[0],
+                    group=group,
                 )
             )
 

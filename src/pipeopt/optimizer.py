@@ -20,12 +20,12 @@ from pipeopt.errors import RunInterrupted, RunStoreError
 from pipeopt.executors.base import Executor
 from pipeopt.executors.registry import create_executor
 from pipeopt.metrics import OptimizerMetrics
-from pipeopt.result import RunResult, RunSnapshot, RunStatus, TaskState
+from pipeopt.result import RunGraph, RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
 from pipeopt.scheduler import RunHooks, RunLoop, SchedulerCore
 
 if TYPE_CHECKING:
     from pipeopt.batching import Batcher
-    from pipeopt.graph import Pipeline
+    from pipeopt.graph import CompiledPipeline, Pipeline
     from pipeopt.store import RunStore
 
 _log = logging.getLogger("pipeopt.run")
@@ -116,6 +116,13 @@ class PipelineOptimizer:
             exist at the start and raise the garbage collector's young
             threshold (restored when the run ends); scheduling 100,000 tiny
             tasks is then about a third faster. Process-wide while it lasts.
+        push_gateway: a Prometheus Pushgateway (``"http://127.0.0.1:9091"``)
+            that receives the metrics at the end of each run, as job
+            ``<pipeline>`` grouped by ``run=<run id>``; a gateway that cannot
+            be reached is logged as an error and never fails the run.
+        tracing: ``True`` emits an OpenTelemetry span per run and per attempt
+            through the global tracer provider, or pass a ``TracerProvider``;
+            needs the ``otel`` extra (see :mod:`pipeopt.tracing`).
 
     Raises:
         TypeError: ``executor`` is neither a name nor an executor instance.
@@ -138,6 +145,8 @@ class PipelineOptimizer:
         interrupt_grace: float = 1.0,
         state_dir: str | os.PathLike[str] | RunStore | None = None,
         tune_gc: bool = True,
+        push_gateway: str | None = None,
+        tracing: object = False,
     ) -> None:
         self.max_workers = (
             default_workers()
@@ -162,6 +171,11 @@ class PipelineOptimizer:
         self.interrupt_grace = check_float("interrupt_grace", interrupt_grace, minimum=0.0)
         self.state_dir = state_dir
         self.tune_gc = bool(tune_gc)
+        from pipeopt.metrics import check_push_gateway
+        from pipeopt.tracing import check_tracing
+
+        self.push_gateway = None if push_gateway is None else check_push_gateway(push_gateway)
+        self._tracer_provider = check_tracing(tracing)
         self._store: RunStore | None = None
         self.metrics = OptimizerMetrics(registry)
         self._lock = threading.Lock()
@@ -171,6 +185,8 @@ class PipelineOptimizer:
         self._started_at: float | None = None
         self._status: RunStatus | None = None
         self._batchers: dict[str, Batcher] = {}
+        self._ended_at: float | None = None
+        self._graph: RunGraph | None = None
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -321,7 +337,9 @@ class PipelineOptimizer:
             self._pipeline_name = pipeline.name
             self._started_at = started_wall
             self._status = RunStatus.RUNNING
-        self.metrics.collector.attach(core, loop.lock)
+            self._ended_at = None
+            self._graph = None
+        self.metrics.attach(core, loop.lock)
         pipeline._running += 1
         self.executor.start(self.max_workers)
         interrupted: BaseException | None = None
@@ -347,6 +365,7 @@ class PipelineOptimizer:
             )
         with self._lock:
             self._status = status
+            self._ended_at = started_wall + wall
         if store is not None:
             try:
                 store.end_run(result)
@@ -354,6 +373,19 @@ class PipelineOptimizer:
                 # The run itself is over and its result is whole; only its record failed.
                 _log.error("run %s finished but could not be recorded: %s", run_id, exc)
         self.metrics.collector.run_finished(status.value)
+        if self.push_gateway is not None:
+            from pipeopt.metrics import push_run_metrics
+
+            push_run_metrics(
+                self.registry, self.push_gateway, pipeline=pipeline.name, run_id=run_id
+            )
+        if self._tracer_provider is not None:
+            from pipeopt.tracing import export_run
+
+            try:
+                export_run(result, self._tracer_provider)
+            except Exception:
+                _log.exception("run %s: emitting its OpenTelemetry spans failed", run_id)
         _log.info(
             "run %s of %r %s in %.3fs: %s",
             run_id,
@@ -396,6 +428,7 @@ class PipelineOptimizer:
                 self._started_at,
                 self._status,
             )
+            ended, graph = self._ended_at, self._graph
         batch_sizes = dict(self.metrics.last_batch_size)
         if loop is None:
             return RunSnapshot(
@@ -415,10 +448,19 @@ class PipelineOptimizer:
                 breakers={},
             )
         core = loop.core
+        if graph is None:
+            # Built on the first snapshot of a run, so runs nobody watches never pay for it.
+            graph = _run_graph(core.compiled)
+            with self._lock:
+                if self._loop is loop:
+                    self._graph = graph
         with loop.lock:
-            tasks = {o.name: copy.copy(o) for o in core.outcomes}
+            tasks = {o.name: _copy_outcome(o) for o in core.outcomes}
             active, backlog, finished = core.active, core.critical_backlog, core.finished
             failures, retries = core.failures_total, core.retries_total
+            names = core.compiled.names
+            running = {names[i]: started for i, started in loop.running_starts().items()}
+        batchers = {task: b.statistics() for task, b in list(self._batchers.items())}
         breakers: dict[str, int] = {}
         for task in core.compiled.tasks:
             breaker = task.circuit_breaker
@@ -439,7 +481,36 @@ class PipelineOptimizer:
             tasks=tasks,
             batch_sizes=batch_sizes,
             breakers=breakers,
+            ended_at=ended,
+            workers=self.max_workers,
+            graph=graph,
+            running_since=running,
+            batchers=batchers,
         )
+
+
+def _copy_outcome(outcome: TaskOutcome) -> TaskOutcome:
+    # Lists and dicts the workers keep appending to are copied too, under the lock.
+    copied = copy.copy(outcome)
+    if outcome.attempt_history:
+        copied.attempt_history = list(outcome.attempt_history)
+    if outcome.custom_metrics:
+        copied.custom_metrics = dict(outcome.custom_metrics)
+    return copied
+
+
+def _run_graph(compiled: CompiledPipeline) -> RunGraph:
+    from pipeopt.metrics import task_group
+    from pipeopt.priority import parse_criticality
+
+    tasks = compiled.tasks
+    return RunGraph(
+        names=tuple(compiled.names),
+        dependencies=tuple(compiled.dependencies),
+        declared=tuple(parse_criticality(t.criticality).label for t in tasks),
+        groups=tuple(task_group(t) for t in tasks),
+        descriptions=tuple(t.description for t in tasks),
+    )
 
 
 def _status(core: SchedulerCore, interrupted: bool) -> RunStatus:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeopt.batching import BatcherStatistics
 
 
 class TaskState(enum.StrEnum):
@@ -168,11 +171,30 @@ class RunResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RunGraph:
+    """The static shape of a run's pipeline, for displays (index ``i`` = task ``i``).
+
+    ``dependencies[i]`` lists the indices task ``i`` waits on; ``declared[i]``
+    is its own criticality label (the effective one is on its outcome);
+    ``groups[i]`` its metrics group; ``descriptions[i]`` its description.
+    """
+
+    names: tuple[str, ...]
+    dependencies: tuple[tuple[int, ...], ...]
+    declared: tuple[str, ...]
+    groups: tuple[str, ...]
+    descriptions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RunSnapshot:
     """A consistent view of a run in progress (or finished), for live displays.
 
     Taken under the scheduler's lock by :meth:`PipelineOptimizer.snapshot`;
     ``tasks`` holds copies, so readers never see a half-updated outcome.
+    ``ended_at`` is set once the run is over; ``running_since`` maps each
+    task with an attempt running now to that attempt's start; ``batchers``
+    holds the statistics of each task's batch-size controller.
     """
 
     run_id: str | None
@@ -189,3 +211,8 @@ class RunSnapshot:
     tasks: Mapping[str, TaskOutcome]
     batch_sizes: Mapping[str, int]
     breakers: Mapping[str, int]
+    ended_at: float | None = None
+    workers: int | None = None
+    graph: RunGraph | None = None
+    running_since: Mapping[str, float] = field(default_factory=dict)
+    batchers: Mapping[str, BatcherStatistics] = field(default_factory=dict)

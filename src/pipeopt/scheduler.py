@@ -459,6 +459,10 @@ class RunLoop:
                 core.stopped = True
                 self._work.notify_all()
 
+    def running_starts(self) -> dict[int, float]:
+        """Return, per task running now, its attempt's wall-clock start (caller holds the lock)."""
+        return {i: attempt.started_wall for i, attempt in self._running.items()}
+
     def _main_timeout(self) -> float | None:
         if not self._deadlines:
             return None

@@ -348,7 +348,13 @@ def test_failed_attempt_is_retried(make_executor: Callable[[], Executor], ledger
     assert result.results["fetch"] == "ok on attempt 2"
     assert isinstance(outcome.attempt_history[0].error, ConnectionError)
     assert entries(ledger) == ["fetch#1", "fetch#2"]
-    assert registry.get_sample_value("pipeline_task_retries_total", {"task": "fetch"}) == 1
+    assert (
+        registry.get_sample_value(
+            "pipeline_task_retries_total",
+            {"pipeline": "retries", "group": "medium", "task": "fetch"},
+        )
+        == 1
+    )
 
 
 def test_timeout_fails_a_stuck_body(
@@ -400,16 +406,18 @@ def test_metrics_reach_the_registry(make_executor: Callable[[], Executor], ledge
     result = run(make_executor, p, registry=registry)
     assert result.tasks["measure"].custom_metrics == {"rows": 42.0, "ratio": 0.25}
     get = registry.get_sample_value
-    assert get("pipeline_task_custom_metric", {"task": "measure", "name": "rows"}) == 42
-    assert get("pipeline_task_custom_metric", {"task": "measure", "name": "ratio"}) == 0.25
-    assert get("pipeline_batch_size", {"task": "measure"}) == 500
-    assert get("pipeline_batch_latency_seconds_count", {"task": "measure"}) == 1
-    assert get("pipeline_task_latency_seconds_count", {"task": "measure"}) == 1
-    assert get("pipeline_task_latency_seconds_count", {"task": "fail"}) == 1
-    assert get("pipeline_task_failures_total", {"task": "fail"}) == 1
-    assert get("pipeline_task_failures_total", {"task": "measure"}) == 0
-    assert get("pipeline_tasks_active") == 0
-    assert get("pipeline_runs_total", {"status": "failed"}) == 1
+    measured = {"pipeline": "metrics", "group": "medium", "task": "measure"}
+    failed = {**measured, "task": "fail"}
+    assert get("pipeline_task_custom_metric", {**measured, "name": "rows"}) == 42
+    assert get("pipeline_task_custom_metric", {**measured, "name": "ratio"}) == 0.25
+    assert get("pipeline_batch_size", measured) == 500
+    assert get("pipeline_batch_latency_seconds_count", measured) == 1
+    assert get("pipeline_task_latency_seconds_count", measured) == 1
+    assert get("pipeline_task_latency_seconds_count", failed) == 1
+    assert get("pipeline_task_failures_total", failed) == 1
+    assert get("pipeline_task_failures_total", measured) == 0
+    assert get("pipeline_tasks_active", {"pipeline": "metrics"}) == 0
+    assert get("pipeline_runs_total", {"pipeline": "metrics", "status": "failed"}) == 1
 
 
 # -- by name ---------------------------------------------------------------------

@@ -261,7 +261,10 @@ def test_context_upstream_custom_metrics_and_injection() -> None:
     }
     assert result.tasks["c"].custom_metrics == {"rows": 42.0}
     assert (
-        registry.get_sample_value("pipeline_task_custom_metric", {"task": "c", "name": "rows"})
+        registry.get_sample_value(
+            "pipeline_task_custom_metric",
+            {"pipeline": p.name, "group": "high", "task": "c", "name": "rows"},
+        )
         == 42.0
     )
 
@@ -320,17 +323,21 @@ def test_metrics_in_the_optimizers_own_registry() -> None:
     optimizer = PipelineOptimizer(max_workers=2, registry=registry)
     optimizer.run(p)
     get = registry.get_sample_value
-    assert get("pipeline_task_latency_seconds_count", {"task": "ok-0"}) == 1.0
-    assert get("pipeline_task_failures_total", {"task": "bad"}) == 1.0
-    assert get("pipeline_task_failures_total", {"task": "ok-0"}) == 0.0
-    assert get("pipeline_tasks_active") == 0.0
-    assert get("pipeline_critical_backlog") == 0.0
-    assert get("pipeline_runs_total", {"status": "failed"}) == 1.0
+    ok0 = {"pipeline": "metrics", "group": "critical", "task": "ok-0"}
+    bad = {"pipeline": "metrics", "group": "medium", "task": "bad"}
+    this = {"pipeline": "metrics"}
+    assert get("pipeline_task_latency_seconds_count", ok0) == 1.0
+    assert get("pipeline_task_failures_total", bad) == 1.0
+    assert get("pipeline_task_failures_total", ok0) == 0.0
+    assert get("pipeline_tasks_active", this) == 0.0
+    assert get("pipeline_critical_backlog", this) == 0.0
+    assert get("pipeline_runs_total", {**this, "status": "failed"}) == 1.0
     optimizer.run(p)
-    assert get("pipeline_task_latency_seconds_count", {"task": "ok-0"}) == 2.0
+    assert get("pipeline_task_latency_seconds_count", ok0) == 2.0
     # a second optimizer has its own registry: nothing leaks between them
     other = PipelineOptimizer(max_workers=1)
-    assert other.registry.get_sample_value("pipeline_runs_total", {"status": "failed"}) is None
+    failed_runs = {**this, "status": "failed"}
+    assert other.registry.get_sample_value("pipeline_runs_total", failed_runs) is None
 
 
 def test_live_gauges_while_running() -> None:
@@ -363,7 +370,8 @@ def test_live_gauges_while_running() -> None:
         started.wait(5)
         snapshot = optimizer.snapshot()
         assert snapshot.tasks_active == 2
-        assert optimizer.registry.get_sample_value("pipeline_tasks_active") == 2.0
+        active = optimizer.registry.get_sample_value("pipeline_tasks_active", {"pipeline": "live"})
+        assert active == 2.0
         assert snapshot.tasks["hold-0"].state is TaskState.RUNNING
     finally:
         release.set()

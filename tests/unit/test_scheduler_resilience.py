@@ -117,7 +117,10 @@ def test_open_breaker_fails_fast_without_running_bodies() -> None:
         o.attempts == 0 for o in result.tasks.values() if isinstance(o.error, CircuitOpenError)
     )
     assert (
-        registry.get_sample_value("pipeline_circuit_breaker_state", {"breaker": "warehouse"}) == 2
+        registry.get_sample_value(
+            "pipeline_circuit_breaker_state", {"pipeline": "breaker", "breaker": "warehouse"}
+        )
+        == 2
     )
 
 
