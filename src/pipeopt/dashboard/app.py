@@ -55,7 +55,13 @@ from prometheus_client.openmetrics.exposition import (
 )
 
 from pipeopt.dashboard.cache import RenderCache
-from pipeopt.dashboard.model import History, build_metrics_json, encode_json, sample
+from pipeopt.dashboard.model import (
+    History,
+    build_metrics_json,
+    encode_json,
+    sample,
+    task_detail,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -91,6 +97,8 @@ _GZIP_MIN_BYTES: Final = 1024
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
 _PUBLIC_PATHS: Final = frozenset({"/healthz"})
 _ASSET_QUERY: Final = "__ASSET_QUERY__"
+_API_BASE: Final = "__API_BASE__"
+_LIVE_API: Final = "/api/run"
 _TOKEN_ALPHABET: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="
 )
@@ -259,6 +267,7 @@ class PipelineDashboard:
     def _render_index(self) -> bytes:
         page = self._static["index.html"][0].decode("utf-8")
         query = "" if self.token is None else "?token=" + quote(self.token, safe="")
+        page = page.replace(_API_BASE, html.escape(_LIVE_API, quote=True))
         return page.replace(_ASSET_QUERY, html.escape(query, quote=True)).encode("utf-8")
 
     @property
@@ -296,6 +305,8 @@ class PipelineDashboard:
         app = web.Application(middlewares=[self._policy])
         app.router.add_get("/", self._handle_index)
         app.router.add_get("/metrics", self._handle_metrics)
+        app.router.add_get(_LIVE_API, self._handle_metrics)
+        app.router.add_get(_LIVE_API + "/task", self._handle_task)
         app.router.add_get("/prometheus", self._handle_prometheus)
         app.router.add_get("/healthz", self._handle_healthz)
         app.router.add_get("/static/{name}", self._handle_static)
@@ -365,6 +376,20 @@ class PipelineDashboard:
     async def _handle_metrics(self, request: web.Request) -> web.Response:
         body = await self._cache("metrics", self.render_metrics).get()
         return body.response(request, "application/json")
+
+    def render_task(self, name: str) -> bytes | None:
+        """Return the details of task ``name`` as JSON, or None if the run has no such task."""
+        document = task_detail(self.source.snapshot(), name, self._clock())
+        return None if document is None else encode_json(document)
+
+    async def _handle_task(self, request: web.Request) -> web.Response:
+        name = request.query.get("name")
+        if not name:
+            return _error(400, "name the task: ?name=<task>")
+        body = await asyncio.to_thread(self.render_task, name)
+        if body is None:
+            return _error(404, "no such task in this run")
+        return _Body.of(body).response(request, "application/json")
 
     async def _handle_prometheus(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))

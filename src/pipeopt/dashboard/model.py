@@ -25,20 +25,32 @@ import json
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeopt.result import RunSnapshot, TaskOutcome, TaskState
+from pipeopt.result import AttemptRecord, RunSnapshot, TaskOutcome, TaskState
+
+if TYPE_CHECKING:
+    from pipeopt.batching import BatcherStatistics
 
 #: Version of the ``/metrics`` document; bumped on incompatible changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Seconds of finished work that ``throughput_per_minute`` looks back over.
 THROUGHPUT_WINDOW = 60.0
 
 #: Longest error text sent per task; the full error stays in the run result.
 MAX_ERROR_CHARS = 2000
+
+#: Longest traceback sent in a task's details (its end is kept).
+MAX_TRACEBACK_CHARS = 20_000
+
+#: Log lines sent in a task's details (the last ones).
+MAX_LOG_LINES = 200
+
+#: How an attempt ended, as the timeline colours it.
+ATTEMPT_OUTCOMES = ("succeeded", "failed", "retried", "running")
 
 BREAKER_STATES: Mapping[int, str] = {0: "closed", 1: "half-open", 2: "open"}
 
@@ -217,13 +229,18 @@ def build_metrics_json(
     for outcome in snapshot.tasks.values():
         counts[outcome.state.value] += 1
     started = snapshot.started_at
+    ended = snapshot.ended_at
+    tasks = list(snapshot.tasks.values())
     return {
         "schema": SCHEMA_VERSION,
+        "source": "live",
         "run_id": snapshot.run_id,
         "pipeline": snapshot.pipeline,
         "status": None if snapshot.status is None else snapshot.status.value,
         "started_at": isoformat(started),
-        "elapsed_s": None if started is None else round(max(0.0, now - started), 3),
+        "ended_at": isoformat(ended),
+        "elapsed_s": elapsed_seconds(started, ended, now),
+        "workers": snapshot.workers,
         "last_update": isoformat(snapshot.taken_at),
         "tasks_total": snapshot.tasks_total,
         "tasks_finished": snapshot.tasks_finished,
@@ -235,7 +252,13 @@ def build_metrics_json(
         "avg_latency_ms": _round(mean_latency_ms(snapshot.tasks.values())),
         "recent_latency_ms": _round(recent),
         "counts": counts,
-        "tasks": [task_dict(outcome, now) for outcome in snapshot.tasks.values()],
+        "tasks": [task_dict(outcome, now) for outcome in tasks],
+        "attempts": attempt_rows(tasks, snapshot.running_since, started),
+        "critical_path": critical_path(
+            None if snapshot.graph is None else snapshot.graph.dependencies,
+            [_end_of(outcome, now) for outcome in tasks],
+        ),
+        "loads": load_rows(tasks, snapshot.batchers, snapshot.batch_sizes, now),
         "breakers": {
             name: {"value": int(value), "state": BREAKER_STATES.get(int(value), "unknown")}
             for name, value in snapshot.breakers.items()
@@ -259,3 +282,245 @@ def encode_json(document: Mapping[str, Any]) -> bytes:
     """
     text = json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return text.translate(_HTML_SAFE).encode("utf-8")
+
+
+# -- the run page: timeline, critical path, loads and task details -----------------
+
+
+def elapsed_seconds(started: float | None, ended: float | None, now: float) -> float | None:
+    """Return the run's age at ``now``, frozen at ``ended`` once the run is over."""
+    if started is None:
+        return None
+    end = now if ended is None else ended
+    return round(max(0.0, end - started), 3)
+
+
+def _end_of(outcome: TaskOutcome, now: float) -> float | None:
+    if outcome.finished_at is not None and outcome.started_at is not None:
+        return outcome.finished_at
+    if outcome.state in (TaskState.RUNNING, TaskState.RETRYING):
+        return now
+    return None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+def attempt_outcome(record: AttemptRecord, last: bool, state: TaskState) -> str:
+    """Return how an attempt ended: succeeded, failed, or retried (failed, then tried again)."""
+    if record.error is None:
+        return "succeeded"
+    if not last or state in (TaskState.RETRYING, TaskState.RUNNING, TaskState.READY):
+        return "retried"
+    return "failed"
+
+
+def attempt_rows(
+    tasks: list[TaskOutcome], running_since: Mapping[str, float], origin: float | None
+) -> list[list[Any]]:
+    """Return one compact row per attempt, for the timeline.
+
+    Each row is ``[task index, attempt number, start ms, duration ms, outcome]``
+    with times relative to ``origin`` (the run's start); a running attempt
+    has a null duration and outcome ``running``.
+    """
+    if origin is None:
+        return []
+    rows: list[list[Any]] = []
+    for i, outcome in enumerate(tasks):
+        history = outcome.attempt_history
+        last = len(history) - 1
+        for k, record in enumerate(history):
+            rows.append(
+                [
+                    i,
+                    record.number,
+                    _ms(record.started_at - origin),
+                    _ms(record.duration),
+                    attempt_outcome(record, k == last, outcome.state),
+                ]
+            )
+        since = running_since.get(outcome.name)
+        if since is not None:
+            rows.append([i, outcome.attempts, _ms(since - origin), None, "running"])
+    return rows
+
+
+def critical_path(
+    dependencies: Sequence[Sequence[int]] | None, ends: Sequence[float | None]
+) -> list[int]:
+    """Return the chain of tasks that decided when the run ended, first task first.
+
+    It starts at the task that ended last and steps, each time, to the
+    dependency that ended last (the one the task waited for), until a task
+    without dependencies that ran. ``ends[i]`` is when task ``i`` ended (or
+    now for a running one), None when it never ran.
+    """
+    if dependencies is None:
+        return []
+    current = max(
+        (i for i, end in enumerate(ends) if end is not None),
+        key=lambda i: (ends[i], -i),
+        default=None,
+    )
+    path: list[int] = []
+    seen: set[int] = set()
+    while current is not None and current not in seen:
+        path.append(current)
+        seen.add(current)
+        ran = [d for d in dependencies[current] if ends[d] is not None]
+        current = max(ran, key=lambda d: (ends[d], -d), default=None)
+    path.reverse()
+    return path
+
+
+def load_rows(
+    tasks: list[TaskOutcome],
+    batchers: Mapping[str, BatcherStatistics],
+    batch_sizes: Mapping[str, int],
+    now: float,
+) -> list[dict[str, Any]]:
+    """Return the loads panel: one row per task that wrote batches.
+
+    Rows written and dead-lettered come from the task's ``rows_written`` and
+    ``rows_dead_lettered`` custom metrics (set by ``context.write_batches``),
+    else from the rows its batcher saw; rows/s divide them by the task's
+    time so far. The model is the batcher's fit: a fixed cost per batch
+    and a cost per row.
+    """
+    rows: list[dict[str, Any]] = []
+    for outcome in tasks:
+        stats = batchers.get(outcome.name)
+        custom = outcome.custom_metrics
+        if stats is None and "rows_written" not in custom:
+            continue
+        written = custom.get("rows_written")
+        if written is None and stats is not None:
+            written = float(stats.rows)
+        end = outcome.finished_at if outcome.finished_at is not None else now
+        seconds = None if outcome.started_at is None else end - outcome.started_at
+        rate = written / seconds if written is not None and seconds else None
+        row: dict[str, Any] = {
+            "task": outcome.name,
+            "state": outcome.state.value,
+            "rows_written": written,
+            "rows_dead_lettered": custom.get("rows_dead_lettered"),
+            "rows_per_s": _round(rate, 1),
+            "batch_size": batch_sizes.get(outcome.name),
+        }
+        if stats is not None:
+            row["batch_size"] = stats.current_size
+            row.update(
+                batches=stats.batches,
+                batches_over_slo=stats.batches_over_slo,
+                target_latency_ms=_round(
+                    None if stats.target_latency is None else stats.target_latency * 1000.0
+                ),
+                fixed_cost_ms=_round(None if stats.intercept is None else stats.intercept * 1e3),
+                per_row_us=_round(None if stats.slope is None else stats.slope * 1e6),
+                sink_rows_per_s=_round(stats.throughput, 1),
+                last_decision=stats.last_decision,
+            )
+        rows.append(row)
+    return rows
+
+
+def clip_traceback(text: str | None) -> str | None:
+    """Return ``text`` with at most :data:`MAX_TRACEBACK_CHARS`, keeping its end."""
+    if text is None or len(text) <= MAX_TRACEBACK_CHARS:
+        return text
+    return "…" + text[-(MAX_TRACEBACK_CHARS - 1) :]
+
+
+def log_lines(records: Iterable[Any] | None) -> list[dict[str, Any]]:
+    """Return the last :data:`MAX_LOG_LINES` of a task's captured log records as JSON.
+
+    Takes ``logging.LogRecord`` objects, or any record with ``created`` /
+    ``time``, ``levelname`` / ``level`` and ``getMessage()`` / ``message``.
+    """
+    if not records:
+        return []
+    lines: list[dict[str, Any]] = []
+    for record in list(records)[-MAX_LOG_LINES:]:
+        if isinstance(record, str):
+            lines.append({"t": None, "level": None, "message": record})
+            continue
+        when = getattr(record, "created", None)
+        if when is None:
+            when = getattr(record, "time", None)
+        level = getattr(record, "levelname", None) or getattr(record, "level", None)
+        get_message = getattr(record, "getMessage", None)
+        try:
+            message = get_message() if callable(get_message) else getattr(record, "message", "")
+        except Exception:  # a record whose arguments do not format
+            message = str(getattr(record, "msg", ""))
+        lines.append(
+            {
+                "t": isoformat(when) if isinstance(when, int | float) else None,
+                "level": None if level is None else str(level),
+                "message": str(message),
+            }
+        )
+    return lines
+
+
+def task_detail(snapshot: RunSnapshot, name: str, now: float) -> dict[str, Any] | None:
+    """Return everything the run page shows when task ``name`` is opened, or None if unknown.
+
+    Keys: those of a ``tasks`` entry, plus ``declared_criticality``,
+    ``group``, ``description``, ``dependencies`` and ``dependents`` (names),
+    ``started_at``, ``traceback``, ``attempts_detail`` (number, start,
+    duration, outcome, error, traceback), ``custom_metrics``, ``logs`` and
+    ``load`` (its loads row, or null).
+    """
+    outcome = snapshot.tasks.get(name)
+    if outcome is None:
+        return None
+    document = task_dict(outcome, now)
+    graph = snapshot.graph
+    index = None if graph is None else graph.names.index(name) if name in graph.names else None
+    dependencies: list[str] = []
+    dependents: list[str] = []
+    if graph is not None and index is not None:
+        dependencies = [graph.names[d] for d in graph.dependencies[index]]
+        dependents = [graph.names[j] for j, deps in enumerate(graph.dependencies) if index in deps]
+    history = outcome.attempt_history
+    attempts = [
+        {
+            "number": record.number,
+            "started_at": isoformat(record.started_at),
+            "duration_ms": _ms(record.duration),
+            "outcome": attempt_outcome(record, k == len(history) - 1, outcome.state),
+            "error": _error_text(record.error),
+            "traceback": clip_traceback(record.traceback),
+        }
+        for k, record in enumerate(history)
+    ]
+    since = snapshot.running_since.get(name)
+    if since is not None:
+        attempts.append(
+            {
+                "number": outcome.attempts,
+                "started_at": isoformat(since),
+                "duration_ms": _ms(max(0.0, now - since)),
+                "outcome": "running",
+                "error": None,
+                "traceback": None,
+            }
+        )
+    loads = load_rows([outcome], snapshot.batchers, snapshot.batch_sizes, now)
+    document.update(
+        declared_criticality=None if graph is None or index is None else graph.declared[index],
+        group=None if graph is None or index is None else graph.groups[index],
+        description=None if graph is None or index is None else graph.descriptions[index],
+        dependencies=dependencies,
+        dependents=dependents,
+        started_at=isoformat(outcome.started_at),
+        traceback=clip_traceback(outcome.traceback),
+        attempts_detail=attempts,
+        custom_metrics=dict(outcome.custom_metrics),
+        logs=log_lines(getattr(outcome, "logs", None)),
+        load=loads[0] if loads else None,
+    )
+    return document

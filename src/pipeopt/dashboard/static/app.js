@@ -1,16 +1,25 @@
-// pipeopt dashboard: poll /metrics and update the page in place.
+// pipeopt run page: poll the run's JSON document and update the page in place.
 //
-// Every value from the server is written with textContent or setAttribute on
-// elements built here, never parsed as HTML: task names and error texts are
-// data, not markup. The token (if the page was opened with ?token=...) is sent
-// as an Authorization header, not in the polled URL.
+// The same page serves a live run (the dashboard, data-api="/api/run") and a
+// stored one (`pipeopt ui`, data-api="/api/runs/<id>"): both send the same
+// document. Every value from the server is written with textContent or
+// setAttribute on elements built here, never parsed as HTML: task names and
+// error texts are data, not markup; control characters are shown as symbols.
+// The token (if the page was opened with ?token=...) is sent as an
+// Authorization header, not in the polled URL.
 "use strict";
 
 (function () {
-  const SVG_NS = "http://www.w3.org/2000/svg";
   const STATES = ["pending", "ready", "running", "retrying", "succeeded",
                   "failed", "skipped", "cancelled", "cached"];
-  const token = new URLSearchParams(window.location.search).get("token");
+  // Failed and running tasks first, then the rest; pipeline order among peers.
+  const RANK = { failed: 0, running: 1, retrying: 2, cancelled: 3, skipped: 4, ready: 5,
+                 pending: 6, succeeded: 7, cached: 8 };
+  const MAX_ROWS = 200;
+  const visible = window.pipeoptVisible;
+  const api = document.body.dataset.api || "/api/run";
+  const query = new URLSearchParams(window.location.search);
+  const token = query.get("token");
   const headers = { Accept: "application/json" };
   if (token) {
     headers.Authorization = "Bearer " + token;
@@ -18,9 +27,14 @@
 
   let refreshMs = 1000;
   let stateFilter = null;
+  let search = "";
   let lastDoc = null;
-  const taskRows = new Map(); // task name -> {row, cells}
-  let taskOrder = "";
+  let selected = query.get("task");
+  let rowKey = "";
+  const rowCache = new Map(); // task name -> {row, cells, state}
+  const timeline = new window.PipeoptTimeline(
+    $("timeline"), $("timeline-tip"), function (name) { select(name); }
+  );
 
   function $(id) {
     return document.getElementById(id);
@@ -79,6 +93,10 @@
     return seconds === null || seconds === undefined ? "–" : fmtDuration(seconds * 1000);
   }
 
+  function fmtTime(iso) {
+    return iso ? new Date(iso).toLocaleTimeString() : "–";
+  }
+
   function fmtLatency(ms) {
     if (ms === null || ms === undefined) {
       return ["–", "per task"];
@@ -89,19 +107,33 @@
     return [fmtNumber(ms, ms < 10 ? 2 : 1), "ms per task"];
   }
 
-  // -- header and tiles ------------------------------------------------------
+  // -- header, banner and tiles ------------------------------------------------
 
   function renderSummary(doc) {
-    setText($("pipeline"), doc.pipeline === null ? "waiting for a run…" : doc.pipeline);
+    setText($("pipeline"), doc.pipeline === null ? "waiting for a run…" : visible(doc.pipeline));
     const status = doc.status === null ? "idle" : doc.status;
     const badge = $("status");
     setText(badge, status);
     badge.className = "badge state-" + status;
-    setText($("run-id"), doc.run_id === null ? "–" : doc.run_id);
+    setText($("run-id"), doc.run_id === null ? "–" : visible(doc.run_id));
     setText($("elapsed"), fmtElapsed(doc.elapsed_s));
     const updated = $("last-update");
     updated.setAttribute("datetime", doc.last_update);
-    setText(updated, new Date(doc.last_update).toLocaleTimeString());
+    setText(updated, fmtTime(doc.last_update));
+    document.title = (doc.pipeline === null ? "pipeopt" : visible(doc.pipeline)) + " · " + status;
+
+    const banner = $("finished-banner");
+    const over = doc.status !== null && doc.status !== "running" && doc.status !== "crashed";
+    if (over || doc.status === "crashed") {
+      const text = doc.status === "crashed"
+        ? "Run crashed: its process ended without recording the end; " +
+          "this is what it recorded until then."
+        : "Run finished: " + doc.status + " after " + fmtElapsed(doc.elapsed_s) +
+          (doc.ended_at ? " (ended " + fmtTime(doc.ended_at) + ")" : "") + ".";
+      setText(banner, text);
+      banner.className = "banner banner-" + doc.status;
+    }
+    banner.hidden = !(over || doc.status === "crashed");
 
     setText($("throughput"), fmtNumber(doc.throughput_per_minute, 1));
     const latency = fmtLatency(doc.avg_latency_ms);
@@ -151,12 +183,13 @@
     }
   }
 
-  // -- task table ------------------------------------------------------------
+  // -- task table: failures first, filtered, searched, at most MAX_ROWS rows -----------
 
   function makeTaskRow(name) {
-    const row = el("tr");
+    const row = el("tr", "task-row");
+    row.tabIndex = 0;
     const cells = {
-      name: el("td", "name", name),
+      name: el("td", "name", visible(name)),
       state: el("span", "badge"),
       criticality: el("td", "crit"),
       attempts: el("td", "num"),
@@ -167,173 +200,206 @@
     stateCell.append(cells.state);
     row.append(cells.name, stateCell, cells.criticality, cells.attempts, cells.duration,
                cells.error);
+    row.addEventListener("click", function () { select(name); });
+    row.addEventListener("keydown", function (event) {
+      if (event.key === "Enter") {
+        select(name);
+      }
+    });
     return { row: row, cells: cells, state: null };
+  }
+
+  function visibleTasks(doc) {
+    const needle = search.toLowerCase();
+    const picked = [];
+    doc.tasks.forEach(function (task, index) {
+      if (stateFilter !== null && task.state !== stateFilter) {
+        return;
+      }
+      if (needle && task.name.toLowerCase().indexOf(needle) < 0) {
+        return;
+      }
+      picked.push({ task: task, index: index });
+    });
+    picked.sort(function (a, b) {
+      return (RANK[a.task.state] - RANK[b.task.state]) || (a.index - b.index);
+    });
+    return picked;
   }
 
   function renderTasks(doc) {
     const tbody = $("tasks").tBodies[0];
-    const order = doc.tasks.map(function (t) { return t.name; }).join("\u0000");
-    if (order !== taskOrder) {
-      taskRows.clear();
+    const picked = visibleTasks(doc);
+    const shown = picked.slice(0, MAX_ROWS);
+    const key = shown.map(function (p) { return p.task.name; }).join("\u0000");
+    if (key !== rowKey) {
       const rows = [];
-      for (const task of doc.tasks) {
-        const entry = makeTaskRow(task.name);
-        taskRows.set(task.name, entry);
+      const keep = new Map();
+      for (const p of shown) {
+        const entry = rowCache.get(p.task.name) || makeTaskRow(p.task.name);
+        keep.set(p.task.name, entry);
         rows.push(entry.row);
       }
+      rowCache.clear();
+      keep.forEach(function (entry, name) { rowCache.set(name, entry); });
       tbody.replaceChildren.apply(tbody, rows);
-      taskOrder = order;
+      rowKey = key;
     }
-    for (const task of doc.tasks) {
-      const entry = taskRows.get(task.name);
+    for (const p of shown) {
+      const task = p.task;
+      const entry = rowCache.get(task.name);
       const cells = entry.cells;
       if (entry.state !== task.state) {
         entry.state = task.state;
         setText(cells.state, task.state);
         cells.state.className = "badge state-" + task.state;
-        entry.row.className = "row-" + task.state;
       }
-      entry.row.hidden = stateFilter !== null && task.state !== stateFilter;
+      entry.row.className = "task-row row-" + task.state +
+        (task.name === selected ? " selected" : "");
       setText(cells.criticality, task.criticality);
       cells.criticality.className = "crit crit-" + task.criticality;
       setText(cells.attempts, task.attempts);
       setText(cells.duration, fmtDuration(task.duration_ms));
-      setText(cells.error, task.error);
+      setText(cells.error, visible(task.error));
       if (task.error) {
-        cells.error.title = task.error;
+        cells.error.title = visible(task.error, true);
       } else {
         cells.error.removeAttribute("title");
       }
     }
+    setText($("shown"), picked.length > shown.length
+      ? "showing " + shown.length + " of " + picked.length + "; filter or search to narrow"
+      : picked.length + " of " + doc.tasks.length + " tasks");
     $("tasks-empty").hidden = doc.tasks.length > 0;
   }
 
-  // -- breakers and batches ----------------------------------------------------
+  // -- task details ---------------------------------------------------------------
 
-  function renderPairs(tableId, emptyId, pairs, decorate) {
-    const tbody = $(tableId).tBodies[0];
-    const rows = [];
-    for (const pair of pairs) {
-      const row = el("tr");
-      const value = el("td", "num", pair[1]);
-      row.append(el("td", "name", pair[0]), value);
-      if (decorate) {
-        decorate(value, pair);
-      }
-      rows.push(row);
+  function select(name) {
+    selected = name;
+    $("details").hidden = false;
+    setText($("d-name"), visible(name));
+    if (lastDoc) {
+      renderTasks(lastDoc);
     }
-    tbody.replaceChildren.apply(tbody, rows);
-    $(emptyId).hidden = pairs.length > 0;
-    $(tableId).hidden = pairs.length === 0;
+    loadDetails();
+  }
+
+  async function loadDetails() {
+    if (selected === null) {
+      return;
+    }
+    const name = selected;
+    try {
+      const response = await fetch(api + "/task?name=" + encodeURIComponent(name), {
+        headers: headers, cache: "no-store", credentials: "same-origin",
+      });
+      if (response.ok && name === selected) {
+        renderDetails(await response.json());
+      }
+    } catch (err) {
+      // The next poll tries again.
+    }
+  }
+
+  function renderDetails(task) {
+    setText($("d-name"), visible(task.name));
+    const badge = $("d-state");
+    setText(badge, task.state);
+    badge.className = "badge state-" + task.state;
+    setText($("d-crit"), task.criticality);
+    setText($("d-declared"), task.declared_criticality && task.declared_criticality !== task.criticality
+      ? "(declared " + task.declared_criticality + ")" : "");
+    setText($("d-group"), task.group === null || task.group === undefined ? "–" : visible(task.group));
+    setText($("d-duration"), fmtDuration(task.duration_ms));
+    setText($("d-description"), visible(task.description || ""));
+    const deps = task.dependencies || [];
+    const dependents = task.dependents || [];
+    setText($("d-deps"), (deps.length ? "needs " + deps.map(function (d) { return visible(d); }).join(", ") : "no dependencies") +
+      (dependents.length ? " · needed by " + dependents.length + " task(s)" : ""));
+
+    const rows = (task.attempts_detail || []).map(function (a) {
+      const row = el("tr", "attempt-" + a.outcome);
+      row.append(el("td", "num", a.number), el("td", null, fmtTime(a.started_at)),
+                 el("td", "num", fmtDuration(a.duration_ms)),
+                 el("td", "outcome outcome-" + a.outcome, a.outcome),
+                 el("td", "error", visible(a.error)));
+      return row;
+    });
+    const body = $("d-attempts").tBodies[0];
+    body.replaceChildren.apply(body, rows);
+    $("d-attempts-empty").hidden = rows.length > 0;
+    $("d-attempts").hidden = rows.length === 0;
+
+    setText($("d-error"), visible(task.error, true));
+    $("d-error-box").hidden = !task.error;
+    let traceback = task.traceback;
+    if (!traceback) {
+      const failed = (task.attempts_detail || []).filter(function (a) { return a.traceback; });
+      traceback = failed.length ? failed[failed.length - 1].traceback : null;
+    }
+    setText($("d-traceback"), visible(traceback, true));
+    $("d-traceback-box").hidden = !traceback;
+
+    const logs = task.logs || [];
+    setText($("d-logs"), logs.map(function (line) {
+      return (line.t ? fmtTime(line.t) + " " : "") + (line.level ? line.level + " " : "") +
+        visible(line.message, true);
+    }).join("\n"));
+    $("d-logs").hidden = logs.length === 0;
+    $("d-logs-empty").hidden = logs.length > 0;
+
+    const metrics = Object.keys(task.custom_metrics || {}).sort();
+    const mbody = $("d-metrics").tBodies[0];
+    mbody.replaceChildren.apply(mbody, metrics.map(function (key) {
+      const row = el("tr");
+      row.append(el("td", "name", visible(key)),
+                 el("td", "num", fmtNumber(task.custom_metrics[key], 3)));
+      return row;
+    }));
+    $("d-metrics-box").hidden = metrics.length === 0;
+  }
+
+  // -- loads and breakers --------------------------------------------------------
+
+  function renderLoads(doc) {
+    const loads = doc.loads || [];
+    const body = $("loads").tBodies[0];
+    body.replaceChildren.apply(body, loads.map(function (load) {
+      const row = el("tr");
+      let model = "–";
+      if (load.fixed_cost_ms !== undefined && load.fixed_cost_ms !== null) {
+        model = fmtNumber(load.fixed_cost_ms, 2) + " ms + " + fmtNumber(load.per_row_us, 2) +
+          " µs/row";
+        if (load.target_latency_ms) {
+          model += " (SLO " + fmtNumber(load.target_latency_ms, 0) + " ms)";
+        }
+      } else if (load.last_decision) {
+        model = load.last_decision;
+      }
+      const dead = el("td", "num", fmtNumber(load.rows_dead_lettered, 0));
+      dead.classList.toggle("bad", load.rows_dead_lettered > 0);
+      row.append(el("td", "name", visible(load.task)), el("td", "num", fmtNumber(load.rows_written, 0)),
+                 dead, el("td", "num", fmtNumber(load.rows_per_s, 0)),
+                 el("td", "num", fmtNumber(load.batch_size, 0)), el("td", "model", model));
+      row.addEventListener("click", function () { select(load.task); });
+      return row;
+    }));
+    $("loads-empty").hidden = loads.length > 0;
+    $("loads").hidden = loads.length === 0;
   }
 
   function renderBreakers(doc) {
-    const pairs = Object.keys(doc.breakers).sort().map(function (name) {
-      return [name, doc.breakers[name].state];
-    });
-    renderPairs("breakers", "breakers-empty", pairs, function (cell, pair) {
-      cell.className = "breaker breaker-" + pair[1];
-    });
-  }
-
-  function renderBatches(doc) {
-    const pairs = Object.keys(doc.batch_sizes).sort().map(function (name) {
-      return [name, fmtNumber(doc.batch_sizes[name], 0)];
-    });
-    renderPairs("batches", "batches-empty", pairs, null);
-  }
-
-  // -- chart -----------------------------------------------------------------
-
-  function svg(tag, attrs) {
-    const node = document.createElementNS(SVG_NS, tag);
-    for (const key of Object.keys(attrs)) {
-      node.setAttribute(key, String(attrs[key]));
-    }
-    return node;
-  }
-
-  function niceMax(value) {
-    if (!(value > 0)) {
-      return 1;
-    }
-    const power = Math.pow(10, Math.floor(Math.log10(value)));
-    for (const step of [1, 2, 2.5, 5, 10]) {
-      if (value <= step * power) {
-        return step * power;
-      }
-    }
-    return 10 * power;
-  }
-
-  function renderChart(doc) {
-    const chart = $("chart");
-    const width = Math.max(320, Math.round(chart.clientWidth || 800));
-    const height = 220;
-    const pad = { left: 52, right: 56, top: 14, bottom: 26 };
-    const plotW = width - pad.left - pad.right;
-    const plotH = height - pad.top - pad.bottom;
-    chart.setAttribute("viewBox", "0 0 " + width + " " + height);
-    const parts = [];
-    const points = doc.history || [];
-    const now = points.length ? points[points.length - 1].t : 0;
-    // Fit the samples we have (at least 20 s), up to the server's whole history.
-    const span = points.length > 1 ? Math.max(20, now - points[0].t) : 20;
-    const t0 = now - span;
-    const maxThroughput = niceMax(Math.max.apply(null, [0].concat(points.map(function (p) {
-      return p.throughput_per_minute;
-    }))));
-    const maxLatency = niceMax(Math.max.apply(null, [0].concat(points.map(function (p) {
-      return p.recent_latency_ms || 0;
-    }))));
-    const x = function (t) { return pad.left + ((t - t0) / span) * plotW; };
-    const yT = function (v) { return pad.top + plotH - (v / maxThroughput) * plotH; };
-    const yL = function (v) { return pad.top + plotH - (v / maxLatency) * plotH; };
-
-    for (let i = 0; i <= 4; i++) {
-      const y = pad.top + (plotH * i) / 4;
-      parts.push(svg("line", { x1: pad.left, x2: pad.left + plotW, y1: y, y2: y, class: "grid" }));
-      const left = svg("text", { x: pad.left - 8, y: y + 4, class: "axis axis-left" });
-      left.textContent = fmtNumber(maxThroughput * (1 - i / 4), 1);
-      const right = svg("text", { x: pad.left + plotW + 8, y: y + 4, class: "axis axis-right" });
-      right.textContent = fmtNumber(maxLatency * (1 - i / 4), 1);
-      parts.push(left, right);
-    }
-    const tickEvery = [5, 10, 15, 30, 60, 120, 300, 600].find(function (step) {
-      return span / step <= 6;
-    }) || 1200;
-    for (let ago = 0; ago <= span; ago += tickEvery) {
-      const tx = x(now - ago);
-      const label = svg("text", { x: tx, y: height - 6, class: "axis axis-x" });
-      label.textContent = ago === 0 ? "now" : ago >= 60 ? "-" + ago / 60 + "m" : "-" + ago + "s";
-      parts.push(label);
-    }
-    if (points.length > 0) {
-      const throughput = points.map(function (p) {
-        return x(p.t).toFixed(1) + "," + yT(p.throughput_per_minute).toFixed(1);
-      });
-      const first = x(points[0].t).toFixed(1);
-      const last = x(points[points.length - 1].t).toFixed(1);
-      const base = (pad.top + plotH).toFixed(1);
-      parts.push(svg("polygon", {
-        points: first + "," + base + " " + throughput.join(" ") + " " + last + "," + base,
-        class: "area-throughput",
-      }));
-      parts.push(svg("polyline", { points: throughput.join(" "), class: "line-throughput" }));
-      const latency = points.filter(function (p) {
-        return p.recent_latency_ms !== null;
-      }).map(function (p) {
-        return x(p.t).toFixed(1) + "," + yL(p.recent_latency_ms).toFixed(1);
-      });
-      if (latency.length > 0) {
-        parts.push(svg("polyline", { points: latency.join(" "), class: "line-latency" }));
-      }
-    } else {
-      const empty = svg("text", { x: pad.left + plotW / 2, y: pad.top + plotH / 2, class: "axis axis-x" });
-      empty.textContent = "collecting samples…";
-      parts.push(empty);
-    }
-    chart.replaceChildren.apply(chart, parts);
+    const names = Object.keys(doc.breakers || {}).sort();
+    const body = $("breakers").tBodies[0];
+    body.replaceChildren.apply(body, names.map(function (name) {
+      const row = el("tr");
+      const state = doc.breakers[name].state;
+      row.append(el("td", "name", visible(name)), el("td", "num breaker breaker-" + state, state));
+      return row;
+    }));
+    $("breakers-empty").hidden = names.length > 0;
+    $("breakers").hidden = names.length === 0;
   }
 
   // -- polling ---------------------------------------------------------------
@@ -349,14 +415,17 @@
     renderSummary(doc);
     renderCounts(doc);
     renderTasks(doc);
+    timeline.update(doc);
+    $("timeline-empty").hidden = (doc.attempts || []).length > 0;
+    renderLoads(doc);
     renderBreakers(doc);
-    renderBatches(doc);
-    renderChart(doc);
+    window.pipeoptChart(doc, $("chart"));
   }
 
   async function poll() {
+    let again = true;
     try {
-      const response = await fetch("/metrics", {
+      const response = await fetch(api, {
         headers: headers,
         cache: "no-store",
         credentials: "same-origin",
@@ -371,19 +440,48 @@
           refreshMs = Math.max(100, doc.refresh_interval * 1000);
         }
         render(doc);
-        setConnection("live", "live");
+        if (selected !== null) {
+          loadDetails();
+        }
+        // A stored run that is over never changes again: stop polling it.
+        again = doc.source !== "store" || doc.status === "running";
+        setConnection("live", again ? "live" : "stored");
       }
     } catch (err) {
       setConnection("error", "offline, retrying");
     }
-    window.setTimeout(poll, refreshMs);
+    if (again) {
+      window.setTimeout(poll, refreshMs);
+    }
   }
 
-  window.addEventListener("resize", function () {
+  $("d-close").addEventListener("click", function () {
+    selected = null;
+    $("details").hidden = true;
     if (lastDoc) {
-      renderChart(lastDoc);
+      renderTasks(lastDoc);
     }
   });
+  $("search").addEventListener("input", function (event) {
+    search = event.target.value;
+    if (lastDoc) {
+      renderTasks(lastDoc);
+    }
+  });
+  window.addEventListener("resize", function () {
+    if (lastDoc) {
+      timeline.draw();
+      window.pipeoptChart(lastDoc, $("chart"));
+    }
+  });
+  if (api.indexOf("/api/runs/") === 0) {
+    $("runs-link").hidden = false;
+    $("data-link").href = api + window.location.search;
+    $("prom-link").parentNode.removeChild($("prom-link"));
+  }
+  if (selected !== null) {
+    select(selected);
+  }
 
   poll();
 })();
