@@ -1,8 +1,9 @@
 """Shared fixtures: the real PostgreSQL, the real browser, helpers for subprocesses.
 
-Tests that need PostgreSQL or Chromium skip with a reason on a machine
-without them; CI sets ``PIPEOPT_REQUIRE_POSTGRES=1`` / ``PIPEOPT_REQUIRE_BROWSER=1``
-so that there they fail instead of skipping.
+Tests that need PostgreSQL, Chromium or the Prometheus servers skip with a
+reason on a machine without them; CI sets ``PIPEOPT_REQUIRE_POSTGRES=1`` /
+``PIPEOPT_REQUIRE_BROWSER=1`` / ``PIPEOPT_REQUIRE_PROMETHEUS=1`` so that there
+they fail instead of skipping.
 """
 
 from __future__ import annotations
@@ -67,6 +68,32 @@ def promtool_path() -> str:
         missing("PIPEOPT_REQUIRE_PROMTOOL", "promtool is not available (see .ci/run)")
     assert path is not None
     return path
+
+
+def _debian_tool(env: str, name: str) -> str:
+    path = os.environ.get(env) or shutil.which(name)
+    local = ROOT / ".ci" / ".tools" / "usr" / "bin" / name
+    if not path and local.exists():
+        path = str(local)
+    if not path or not Path(path).exists():
+        missing(
+            "PIPEOPT_REQUIRE_PROMETHEUS",
+            f"{name} is not available: set {env}, or extract Debian's package as .ci/run does",
+        )
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def prometheus_path() -> str:
+    """Return the path of a Prometheus server binary, or skip/fail."""
+    return _debian_tool("PIPEOPT_PROMETHEUS", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def pushgateway_path() -> str:
+    """Return the path of a Prometheus Pushgateway binary, or skip/fail."""
+    return _debian_tool("PIPEOPT_PUSHGATEWAY", "prometheus-pushgateway")
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ import pytest
 pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp: pipeopt[dashboard]")
 
 from pipeopt import Pipeline, PipelineOptimizer, RunResult
-from pipeopt.result import TaskOutcome
 from pipeopt.breaker import CircuitBreaker
-from pipeopt.retry import RetryPolicy
 from pipeopt.dashboard import PipelineDashboard, generate_token
+from pipeopt.result import TaskOutcome
+from pipeopt.retry import RetryPolicy
 
 pytestmark = pytest.mark.browser
 
@@ -177,16 +177,14 @@ def test_page_updates_live_and_shows_names_as_text(
             # The odd names and the error are literal text, not markup.
             row = page.locator("#tasks tbody tr", has=page.locator("td.name", has_text=EVIL))
             expect(row.locator("td.error")).to_have_text(f"ValueError: {EVIL}")
-            expect(
-                page.locator("#tasks tbody td.name", has_text="bold</b>")
-            ).to_have_text(CONTROL_SHOWN)
+            expect(page.locator("#tasks tbody td.name", has_text="bold</b>")).to_have_text(
+                CONTROL_SHOWN
+            )
             assert page.locator("main img, #tasks b").count() == 0
 
             # The timeline draws a bar per attempt: the retried one, and the running join.
             timeline = page.locator("#timeline")
-            wait_for(page, 
-                "Number(document.getElementById('timeline').dataset.bars) >= 7"
-            )
+            wait_for(page, "Number(document.getElementById('timeline').dataset.bars) >= 7")
             assert int(timeline.get_attribute("data-waits") or 0) == 1
             bars_running = int(timeline.get_attribute("data-bars") or 0)
 
@@ -199,7 +197,8 @@ def test_page_updates_live_and_shows_names_as_text(
             expect(details).to_be_visible()
             expect(page.locator("#d-name")).to_have_text(EVIL)
             expect(page.locator("#d-state")).to_have_text("failed")
-            expect(page.locator("#d-traceback")).to_contain_text("Traceback (most recent call last)")
+            traceback = page.locator("#d-traceback")
+            expect(traceback).to_contain_text("Traceback (most recent call last)")
             expect(page.locator("#d-traceback")).to_contain_text(f"ValueError: {EVIL}")
             expect(page.locator("#d-attempts tbody tr")).to_have_count(1)
             if "logs" in getattr(TaskOutcome, "__slots__", ()):  # once logs are captured
@@ -209,10 +208,11 @@ def test_page_updates_live_and_shows_names_as_text(
             page.screenshot(path=str(artifacts_dir / "dashboard-running.png"), full_page=True)
 
             # Let the chart gather a few samples, then the numbers move without a reload.
-            wait_for(page, 
+            wait_for(
+                page,
                 "document.querySelectorAll('#chart polyline.line-throughput').length === 1"
                 " && document.querySelector('#chart polyline.line-throughput')"
-                ".getAttribute('points').split(' ').length >= 4"
+                ".getAttribute('points').split(' ').length >= 4",
             )
             gates["join"].set()
             join = page.locator("#tasks tbody tr", has=page.locator("td.name", has_text="join"))
@@ -223,8 +223,8 @@ def test_page_updates_live_and_shows_names_as_text(
             expect(page.locator("#finished")).to_have_text("9")
             expect(page.locator("#active")).to_have_text("0")
             expect(page.locator("#counts .chip.state-succeeded .chip-count")).to_have_text("7")
-            wait_for(page, 
-                f"Number(document.getElementById('timeline').dataset.bars) > {bars_running}"
+            wait_for(
+                page, f"Number(document.getElementById('timeline').dataset.bars) > {bars_running}"
             )
             assert int(timeline.get_attribute("data-critical") or 0) >= 3
             assert page.locator("#throughput").inner_text() not in ("", "–", "0")
@@ -235,9 +235,10 @@ def test_page_updates_live_and_shows_names_as_text(
             expect(banner).to_contain_text("Run finished: failed")
             frozen = page.locator("#elapsed").inner_text()
             polls = sum("/api/run" in url for url in requests)
-            wait_for(page, 
+            wait_for(
+                page,
                 f"performance.getEntriesByType('resource')"
-                f".filter(e => e.name.includes('/api/run')).length >= {polls + 3}"
+                f".filter(e => e.name.includes('/api/run')).length >= {polls + 3}",
             )
             assert page.locator("#elapsed").inner_text() == frozen
 
