@@ -16,7 +16,9 @@
   const RANK = { failed: 0, running: 1, retrying: 2, cancelled: 3, skipped: 4, ready: 5,
                  pending: 6, succeeded: 7, cached: 8 };
   const MAX_ROWS = 200;
-  const visible = window.pipeoptVisible;
+  const visible = window.pipeopt.visible;
+  const el = window.pipeopt.el;
+  const setText = window.pipeopt.setText;
   const api = document.body.dataset.api || "/api/run";
   const query = new URLSearchParams(window.location.search);
   const token = query.get("token");
@@ -38,24 +40,6 @@
 
   function $(id) {
     return document.getElementById(id);
-  }
-
-  function setText(node, text) {
-    const value = text === null || text === undefined ? "" : String(text);
-    if (node.textContent !== value) {
-      node.textContent = value;
-    }
-  }
-
-  function el(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) {
-      node.className = className;
-    }
-    if (text !== undefined && text !== null) {
-      node.textContent = String(text);
-    }
-    return node;
   }
 
   function fmtNumber(value, digits) {
@@ -419,7 +403,11 @@
     $("timeline-empty").hidden = (doc.attempts || []).length > 0;
     renderLoads(doc);
     renderBreakers(doc);
-    window.pipeoptChart(doc, $("chart"));
+    // A stored run has no sampled history: the chart shows only for live runs.
+    $("chart-panel").hidden = doc.source === "store";
+    if (doc.source !== "store") {
+      window.pipeoptChart(doc, $("chart"));
+    }
   }
 
   async function poll() {
@@ -471,13 +459,15 @@
   window.addEventListener("resize", function () {
     if (lastDoc) {
       timeline.draw();
-      window.pipeoptChart(lastDoc, $("chart"));
+      if (lastDoc.source !== "store") {
+        window.pipeoptChart(lastDoc, $("chart"));
+      }
     }
   });
   if (api.indexOf("/api/runs/") === 0) {
     $("runs-link").hidden = false;
     $("data-link").href = api + window.location.search;
-    $("prom-link").parentNode.removeChild($("prom-link"));
+    $("prom-note").hidden = true;
   }
   if (selected !== null) {
     select(selected);

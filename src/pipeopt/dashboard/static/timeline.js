@@ -9,18 +9,6 @@
 "use strict";
 
 (function () {
-  // Control characters in names and errors are shown as their visible pictures
-  // (ESC as U+241B), so a name cannot move the cursor or ring a bell: it reads as text.
-  window.pipeoptVisible = function (text, keepLines) {
-    const value = text === null || text === undefined ? "" : String(text);
-    return value.replace(/[\u0000-\u001f\u007f]/g, function (ch) {
-      if (keepLines && (ch === "\n" || ch === "\t")) {
-        return ch;
-      }
-      return ch === "\u007f" ? "\u2421" : String.fromCharCode(0x2400 + ch.charCodeAt(0));
-    });
-  };
-
   const COLOURS = {
     succeeded: "#16a34a",
     failed: "#dc2626",
@@ -241,7 +229,7 @@
       return;
     }
     this.canvas.style.cursor = "pointer";
-    tooltip.textContent = window.pipeoptVisible(this.names[bar.task]) + " · attempt " + bar.number +
+    tooltip.textContent = window.pipeopt.visible(this.names[bar.task]) + " · attempt " + bar.number +
       " · " + bar.outcome + " · " + fmtMs(bar.end - bar.start) + " at +" + fmtMs(bar.start) +
       (bar.critical ? " · critical path" : "");
     tooltip.hidden = false;
