@@ -1,13 +1,14 @@
 """The observer of one run being recorded: events into a deque, nothing more.
 
 The scheduler calls :class:`Recorder` under its lock, so each call only
-appends one :class:`~.records.Event` to the run's deque (and wakes the
+appends one :data:`~.records.Event` tuple to the run's deque (and wakes the
 writer when it sleeps); the writer thread does the rest.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +23,6 @@ CacheLookup = Callable[[str, str, str], "tuple[int, Any] | None"]
 
 _SUCCEEDED = TaskState.SUCCEEDED
 _CACHED = TaskState.CACHED
-# Builds an Event without NamedTuple's Python-level __new__: half the cost,
-# under the scheduler's lock, once per task.
-_new = tuple.__new__
 
 
 class Recorder:
@@ -80,7 +78,18 @@ class Recorder:
         if state is _SUCCEEDED or state is _CACHED:
             self._held_task, self._held_record, self._held_state = task, record, state
             return
-        self._append(_new(Event, (task, record, state, NOTHING, None)))
+        self._append(
+            (
+                task,
+                record.number,
+                record.started_at,
+                record.duration,
+                state,
+                NOTHING,
+                None,
+                record,
+            )
+        )
         writer = self.writer
         if not writer.signalled:
             writer.signal()
@@ -88,14 +97,11 @@ class Recorder:
     def task_succeeded(self, task: str, result: Any, cache_key: str | None) -> None:
         """Queue the result with its attempt (called under the scheduler's lock)."""
         if self._held_task == task:
-            self._held_task = None
-            self._append(
-                _new(Event, (task, self._held_record, self._held_state, result, cache_key))
-            )
+            self._queue_held(task, result, cache_key)
         else:
             if self._held_task is not None:
                 self.release_held()
-            self._append(_new(Event, (task, NO_ATTEMPT, _SUCCEEDED, result, cache_key)))
+            self._append((task, 0, math.nan, math.nan, _SUCCEEDED, result, cache_key, None))
         writer = self.writer
         if not writer.signalled:
             writer.signal()
@@ -113,5 +119,20 @@ class Recorder:
         """Queue a held successful attempt whose result never came."""
         task = self._held_task
         if task is not None:
-            self._held_task = None
-            self._append(_new(Event, (task, self._held_record, self._held_state, NOTHING, None)))
+            self._queue_held(task, NOTHING, None)
+
+    def _queue_held(self, task: str, result: Any, cache_key: str | None) -> None:
+        record = self._held_record
+        self._held_task = None
+        self._append(
+            (
+                task,
+                record.number,
+                record.started_at,
+                record.duration,
+                self._held_state,
+                result,
+                cache_key,
+                None,
+            )
+        )

@@ -3,7 +3,8 @@
 Public (returned by :class:`~pipeopt.store.RunStore`): :class:`RunSummary`,
 :class:`RunDetail`, :class:`TaskSummary`, :class:`AttemptSummary`.
 
-Internal: :class:`Event` (one attempt or result on its way to the writer),
+Internal: :data:`Event` (one attempt or result on its way to the writer)
+and :class:`EventColumns` (events transposed, as the writer reads them),
 :class:`RunRow` (a ``runs`` row), :class:`Batch` (the columns of one
 ``batches`` row) and :class:`FinalRow` (a final state the attempts do not
 tell). Batches and final rows are pickled as plain tuples, so the stored
@@ -120,19 +121,39 @@ class RunDetail:
 # -- internal records -------------------------------------------------------------
 
 
-class Event(NamedTuple):
-    """One attempt (and, when it succeeded, its result) queued for the writer.
+#: One attempt (and, when it succeeded, its result) on its way to the writer,
+#: in the order of :class:`EventColumns`: task, attempt number, start,
+#: duration, state after the attempt, result, cache key, failed attempt.
+#: A plain tuple because the scheduler builds one per task under its lock:
+#: building a NamedTuple there cost a third more of that path
+#: (``benchmarks/README.md``, run store); the writer reads the events
+#: back as named columns.
+Event = tuple[str, int, float, float, TaskState, Any, "str | None", "AttemptRecord | None"]
 
-    ``result`` is :data:`NOTHING` when there is none (a failed or retried
-    attempt, or a success whose result never came); ``attempt`` is
-    :data:`NO_ATTEMPT` for a result reported without its attempt.
+
+class EventColumns(NamedTuple):
+    """A list of :data:`Event` transposed: one tuple per field, one entry per event.
+
+    ``numbers`` 0 with NaN times mark a result reported without its
+    attempt; a ``results`` entry is :data:`NOTHING` when there is none (a
+    failed or retried attempt, or a success whose result never came);
+    ``failures`` holds the record of each failed attempt (else ``None``),
+    for its error and traceback.
     """
 
-    task: str
-    attempt: AttemptRecord
-    state: TaskState
-    result: Any
-    cache_key: str | None
+    tasks: tuple[str, ...]
+    numbers: tuple[int, ...]
+    started: tuple[float, ...]
+    durations: tuple[float, ...]
+    states: tuple[TaskState, ...]
+    results: tuple[Any, ...]
+    cache_keys: tuple[str | None, ...]
+    failures: tuple[AttemptRecord | None, ...]
+
+    @classmethod
+    def of(cls, events: list[Event]) -> EventColumns:
+        """Return ``events`` as columns (one ``zip``, in C)."""
+        return cls._make(zip(*events, strict=True))
 
 
 class RunRow(NamedTuple):

@@ -55,6 +55,7 @@ from pipeopt.store.records import (
     R_NULL,
     R_PICKLED,
     Event,
+    EventColumns,
     clip_traceback,
     message_of,
 )
@@ -66,9 +67,6 @@ _NONE_PICKLE = pickle.dumps(None, protocol=PICKLE_PROTOCOL)
 _SUCCEEDED = TaskState.SUCCEEDED
 _CACHED = TaskState.CACHED
 _STATE_TEXT = {state: state.value for state in TaskState}
-_NUMBER_OF = operator.attrgetter("number")
-_STARTED_OF = operator.attrgetter("started_at")
-_DURATION_OF = operator.attrgetter("duration")
 _STATE_OF = operator.attrgetter("state")
 _ATTEMPTS_OF = operator.attrgetter("attempts")
 
@@ -292,31 +290,36 @@ class Writer:
 
     def _encode(self, recorder: Recorder, events: list[Event]) -> None:
         """Encode events of one run as one ``batches`` row (column-wise, in C loops)."""
-        tasks, attempts, states, values, keys = zip(*events, strict=True)
-        state_texts = tuple(map(_STATE_TEXT.__getitem__, states))
-        succeeded, cached = state_texts.count("succeeded"), state_texts.count("cached")
+        columns = EventColumns.of(events)
+        tasks, results, keys, failed = (
+            columns.tasks,
+            columns.results,
+            columns.cache_keys,
+            columns.failures,
+        )
+        state_texts = tuple(map(_STATE_TEXT.__getitem__, columns.states))
         failures: tuple[tuple[int, str, str, str | None], ...] = ()
-        if succeeded + cached != len(events):
+        if failed.count(None) != len(failed):
             failures = tuple(
-                (i, type(a.error).__name__, message_of(a.error), clip_traceback(a.traceback))
-                for i, a in enumerate(attempts)
-                if a.error is not None
+                (i, type(r.error).__name__, message_of(r.error), clip_traceback(r.traceback))
+                for i, r in enumerate(failed)
+                if r is not None and r.error is not None
             )
         codes = bytearray(
-            [R_NONE if v is NOTHING else R_NULL if v is None else R_PICKLED for v in values]
+            [R_NONE if v is NOTHING else R_NULL if v is None else R_PICKLED for v in results]
         )
         blobs: list[bytes] = []
         refs: list[tuple[int, int, str]] = []
         if recorder.no_persist or keys.count(None) != len(keys) or R_PICKLED in codes:
             self._store_results(
-                recorder, tasks, values, keys=keys, codes=codes, blobs=blobs, refs=refs
+                recorder, tasks, results, keys=keys, codes=codes, blobs=blobs, refs=refs
             )
         payload = pickle.dumps(
             (
                 tasks,
-                tuple(map(_NUMBER_OF, attempts)),
-                tuple(map(_STARTED_OF, attempts)),
-                tuple(map(_DURATION_OF, attempts)),
+                columns.numbers,
+                columns.started,
+                columns.durations,
                 state_texts,
                 failures,
                 bytes(codes),
@@ -329,9 +332,9 @@ class Writer:
             (
                 recorder.key,
                 len(tasks),
-                succeeded,
+                state_texts.count("succeeded"),
                 state_texts.count("failed"),
-                cached,
+                state_texts.count("cached"),
                 payload,
             )
         )
