@@ -6,7 +6,7 @@ scrape into its totals when Prometheus (or the dashboard) asks, so the hot
 path pays one list append per attempt and nothing per metric. Batch metrics
 are observed directly, once per batch.
 
-Series (DESIGN.md §5); every series carries a ``pipeline`` label:
+Series; every series carries a ``pipeline`` label:
 
 ================================== ========= =============================================
 name                               type      meaning, labels besides ``pipeline``

@@ -21,7 +21,7 @@ Invariants
     are skipped (unless ``fail_fast`` cancels everything not started).
 
 Drivers
-    :func:`run_threaded` runs the core with ``max_workers`` worker threads
+    :class:`RunLoop` runs the core with ``max_workers`` worker threads
     that pull work themselves: the thread that finishes a task takes the
     next ready one under the same lock, so a chain never waits for a thread
     hand-off and the run needs no polling. The calling thread sleeps on a

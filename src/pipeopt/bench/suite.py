@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeopt.batching import AdaptiveBatcher, FixedBatcher
 from pipeopt.bench.report import BenchmarkReport, PeerResult, WorkloadResult
 from pipeopt.bench.workloads import BUILTIN_WORKLOADS, cpu_body, process_executor_available
 from pipeopt.context import ExecutionContext
@@ -393,29 +394,9 @@ def critical_path(compiled: CompiledPipeline, cost: Sequence[float]) -> float:
     return max(finish, default=0.0)
 
 
-class _FixedBatcher:
-    """Answer the same batch size every time (peers, and pipeopt without ``batching``)."""
-
-    def __init__(self, size: int = PEER_BATCH_SIZE) -> None:
-        self.size = size
-
-    def plan(self, pending: int | None = None) -> int:
-        return self.size if pending is None else max(0, min(self.size, pending))
-
-    def record(self, size: int, latency: float) -> None:
-        del size, latency
-
-
-def _batcher_factory() -> Callable[[str], Batcher]:
-    """Return the optimizer's batcher factory: ``AdaptiveBatcher`` when it exists."""
-    try:
-        from pipeopt.batching import AdaptiveBatcher
-
-        AdaptiveBatcher(target_latency=BATCH_SLO, initial_size=PEER_BATCH_SIZE)
-    except Exception:  # the batching module is optional while it is being written
-        return lambda _task: _FixedBatcher()  # type: ignore[return-value]
-    # Start where a fixed batcher would stay, and let the SLO move it from there.
-    return lambda _task: AdaptiveBatcher(target_latency=BATCH_SLO, initial_size=PEER_BATCH_SIZE)
+def _adaptive_batcher(_task: str) -> Batcher:
+    # Start where the peers' fixed batcher stays, and let the SLO move it from there.
+    return AdaptiveBatcher(target_latency=BATCH_SLO, initial_size=PEER_BATCH_SIZE)
 
 
 def _executor(name: str, workers: int, cpu_bound: bool) -> str | Executor:
@@ -438,7 +419,7 @@ def _run_pipeopt(
     from pipeopt.optimizer import PipelineOptimizer
 
     optimizer = PipelineOptimizer(
-        max_workers=workers, executor=executor, batcher_factory=_batcher_factory()
+        max_workers=workers, executor=executor, batcher_factory=_adaptive_batcher
     )
     started = time.perf_counter()
     result = optimizer.run(pipeline)
@@ -496,7 +477,7 @@ class PeerTask:
                 self.name,
                 dependencies=self.dependencies,
                 results=results,
-                batcher=_FixedBatcher(),  # type: ignore[arg-type]
+                batcher=FixedBatcher(PEER_BATCH_SIZE),
             )
         out = self.func(**kwargs)
         return out if self.kind == "function" else resolve_output(out, self.kind, None)
