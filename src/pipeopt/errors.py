@@ -35,7 +35,7 @@ either::
     └── RunInterrupted                      .result: the partial RunResult, .reason
 
 :class:`RunInterrupted` is the one class outside ``PipeoptError``: it stands
-for Ctrl-C (or SIGTERM, or ``optimizer.interrupt()``), and deriving from
+for Ctrl-C (or a signal handler's ``KeyboardInterrupt``), and deriving from
 ``Exception`` would let every ``except Exception`` swallow it.
 
 Parameter validation raises the plain builtins (``ValueError``/``TypeError``)
@@ -325,10 +325,12 @@ class UsageError(PipeoptError, ValueError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C, SIGTERM or ``optimizer.interrupt()`` before it finished.
+    """A run stopped by Ctrl-C (or a signal handler's ``KeyboardInterrupt``).
 
     Raised by :meth:`~pipeopt.PipelineOptimizer.run` after every task's final
-    state is recorded; ``except KeyboardInterrupt`` catches it.
+    state is recorded; ``except KeyboardInterrupt`` catches it. (A run
+    stopped by ``optimizer.interrupt()`` from another thread returns its
+    cancelled result instead: the caller did not ask to be interrupted.)
 
     Attributes:
         result: the partial result: what finished, what was cancelled.
