@@ -10,11 +10,18 @@ side, with 8 worker threads each:
   ``done()`` the finished ones;
 * ``dask``     - ``dask.threaded.get`` on a dask graph dict, ``num_workers=8``.
 
-Shapes: ``independent`` (no edges), ``chain`` (each task on the previous one)
-and ``layered`` (20 layers; each node depends on 1-3 random nodes of the layer
-before; seeded). Each repetition runs the runners one after the other in a
-rotated order, so drift in the machine's speed hits them all alike; the table
-shows the median over the repetitions.
+Shapes: ``independent`` (no edges), ``chain`` (each task on the previous one),
+``layered`` (20 layers; each node depends on 1-3 random nodes of the layer
+before; seeded) and ``mapped`` (one source task and ``n - 1`` tasks that each
+depend on it). On the ``mapped`` shape a fourth runner takes part:
+
+* ``pipeopt_map`` - the same work as one task mapped over the source's
+  ``n - 1`` items (``@pipeline.task(map_over=source)``), so its figure is
+  the cost per mapped item next to pipeopt's cost per static task.
+
+Each repetition runs the runners one after the other in a rotated order, so
+drift in the machine's speed hits them all alike; the table shows the median
+over the repetitions.
 
 Run time starts from a graph the runner accepts (a ``Pipeline``, a
 dependency dict, a dask dict) and ends when every task is done; for pipeopt it
@@ -27,6 +34,7 @@ Usage::
     python benchmarks/overhead.py            # 10k and 100k tasks, 3 repetitions
     python benchmarks/overhead.py --quick    # 10k tasks, 1 repetition
     python benchmarks/overhead.py --sizes 10000 --repeat 5 --runners pipeopt,naive
+    python benchmarks/overhead.py --shapes mapped --runners pipeopt,pipeopt_map,naive
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 Graph = list[tuple[int, ...]]  # per task, the indices of its dependencies
-SHAPES = ("independent", "chain", "layered")
-RUNNERS = ("pipeopt", "naive", "dask")
+SHAPES = ("independent", "chain", "layered", "mapped")
+RUNNERS = ("pipeopt", "pipeopt_map", "naive", "dask")
 WORKERS = 8
 LAYERS = 20
 SEED = 20240601
@@ -81,6 +89,8 @@ def make_graph(shape: str, n: int, seed: int = SEED) -> Graph:
                     graph.append(())
             previous = current
         return graph
+    if shape == "mapped":
+        return [()] + [(0,)] * (n - 1)
     raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
 
 
@@ -109,6 +119,33 @@ def run_pipeopt(graph: Graph) -> tuple[float, float]:
     t2 = time.perf_counter()
     if not result.ok or len(result.results) != len(graph):
         raise RuntimeError(f"pipeopt run did not succeed: {result.counts()}")
+    return t1 - t0, t2 - t1
+
+
+def items(count: int) -> list[int]:
+    """Return the list a mapped task runs over."""
+    return list(range(count))
+
+
+def each(source: int) -> None:
+    """Do nothing with one mapped item."""
+
+
+def run_pipeopt_map(graph: Graph) -> tuple[float, float]:
+    """Run the ``mapped`` shape as one task mapped over ``n - 1`` items."""
+    from functools import partial
+
+    from pipeopt import Pipeline, PipelineOptimizer, PipelineTask
+
+    t0 = time.perf_counter()
+    pipeline = Pipeline("overhead-mapped")
+    pipeline.add(PipelineTask("source", partial(items, len(graph) - 1)))
+    pipeline.add(PipelineTask("each", each, map_over="source"))
+    t1 = time.perf_counter()
+    result = PipelineOptimizer(max_workers=WORKERS).run(pipeline)
+    t2 = time.perf_counter()
+    if not result.ok or len(result.results["each"]) != len(graph) - 1:
+        raise RuntimeError(f"pipeopt mapped run did not succeed: {result.counts()}")
     return t1 - t0, t2 - t1
 
 
@@ -161,6 +198,7 @@ def run_dask(graph: Graph) -> tuple[float, float]:
 
 RUNNER_FUNCS: dict[str, Callable[[Graph], tuple[float, float]]] = {
     "pipeopt": run_pipeopt,
+    "pipeopt_map": run_pipeopt_map,
     "naive": run_naive,
     "dask": run_dask,
 }
@@ -170,18 +208,23 @@ RUNNER_FUNCS: dict[str, Callable[[Graph], tuple[float, float]]] = {
 
 
 def measure(
-    sizes: Sequence[int], repeat: int, runners: Sequence[str]
+    sizes: Sequence[int],
+    repeat: int,
+    runners: Sequence[str],
+    shapes: Sequence[str] = SHAPES,
 ) -> dict[tuple[int, str], dict[str, Any]]:
     """Return, per (size, shape), the raw build/run seconds of each runner."""
     table: dict[tuple[int, str], dict[str, Any]] = {}
     for n in sizes:
-        for shape in SHAPES:
+        for shape in shapes:
             graph = make_graph(shape, n)
             raw: dict[str, dict[str, list[float]]] = {r: {"build": [], "run": []} for r in runners}
             compile_times: list[float] = []
             for rep in range(repeat):
                 order = list(runners[rep % len(runners) :]) + list(runners[: rep % len(runners)])
                 for name in order:
+                    if name == "pipeopt_map" and shape != "mapped":
+                        continue
                     gc.collect()
                     build, run = RUNNER_FUNCS[name](graph)
                     raw[name]["build"].append(build)
@@ -191,7 +234,11 @@ def measure(
                     compile_times.append(time_compile(graph))
                 print(
                     f"  n={n:>7} {shape:<11} rep {rep + 1}/{repeat}: "
-                    + "  ".join(f"{r} {raw[r]['run'][-1] / n * 1e6:7.1f} µs" for r in runners),
+                    + "  ".join(
+                        f"{r} {raw[r]['run'][-1] / n * 1e6:7.1f} µs"
+                        for r in runners
+                        if raw[r]["run"]
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -200,12 +247,14 @@ def measure(
 
 
 def per_task(seconds: list[float], n: int) -> float:
-    """Return the median of ``seconds`` in microseconds per task."""
-    return statistics.median(seconds) / n * 1e6
+    """Return the median of ``seconds`` in microseconds per task (NaN if not measured)."""
+    return statistics.median(seconds) / n * 1e6 if seconds else float("nan")
 
 
 def paired_ratio(times: list[float], baseline: list[float]) -> float:
     """Return the median of ``times[i] / baseline[i]`` (runs of the same repetition)."""
+    if not times:
+        return float("nan")
     return statistics.median(a / b for a, b in zip(times, baseline, strict=True))
 
 
@@ -256,20 +305,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated task counts")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (median is shown)")
     parser.add_argument("--runners", default=",".join(RUNNERS), help="subset of runners")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="subset of shapes")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write raw numbers")
     args = parser.parse_args(argv)
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     repeat = 1 if args.quick else args.repeat
     runners = [r.strip() for r in args.runners.split(",") if r.strip()]
-    unknown = [r for r in runners if r not in RUNNER_FUNCS]
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [r for r in runners if r not in RUNNER_FUNCS] + [s for s in shapes if s not in SHAPES]
     if unknown or repeat < 1:
-        parser.error(f"runners must be among {', '.join(RUNNERS)} and --repeat >= 1")
+        parser.error(
+            f"runners must be among {', '.join(RUNNERS)}, shapes among {', '.join(SHAPES)}, "
+            "and --repeat >= 1"
+        )
     print(
         f"python {platform.python_version()}, {platform.machine()}, "
         f"{__import__('os').cpu_count()} cpus, {WORKERS} workers, {repeat} repetition(s)",
         file=sys.stderr,
     )
-    table = measure(sizes, repeat, runners)
+    table = measure(sizes, repeat, runners, shapes)
     print(render(table, runners))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -29,8 +29,11 @@ from pipeopt.errors import (
     CircuitOpenError,
     CycleError,
     DuplicateTaskError,
+    MappedItemsFailedError,
+    MapSourceError,
     NotCallableError,
     NotPicklableError,
+    ParameterError,
     PipelineError,
     PipelineLoadError,
     PipelineRunningError,
@@ -56,7 +59,7 @@ from pipeopt.errors import (
 from pipeopt.graph import Pipeline, PipelineTask
 from pipeopt.optimizer import PipelineOptimizer
 from pipeopt.priority import LABELS, Criticality, PriorityJobQueue
-from pipeopt.result import RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
+from pipeopt.result import Missing, RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
 from pipeopt.retry import RetryPolicy, retry_with_backoff
 from pipeopt.streaming import (
     read_csv_chunks,
@@ -84,8 +87,12 @@ __all__ = [
     "DuplicateTaskError",
     "ExecutionContext",
     "FixedBatcher",
+    "MapSourceError",
+    "MappedItemsFailedError",
+    "Missing",
     "NotCallableError",
     "NotPicklableError",
+    "ParameterError",
     "Pipeline",
     "PipelineDashboard",
     "PipelineError",

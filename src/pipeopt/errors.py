@@ -15,12 +15,15 @@ either::
     │   ├── PipelineRunningError(RuntimeError) .pipeline
     │   ├── NotPicklableError(TypeError)    .task (process executor)
     │   ├── TaskSignatureError(TypeError)   .task, .parameter
+    │   ├── ParameterError(ValueError)      .name, .suggestion: a bad run parameter
     │   └── PipelineLoadError(ValueError)   a FILE[:PIPELINE] that does not load
     ├── TaskError                           a task body's failure, as seen by callers
     │   ├── TaskTimeoutError(TimeoutError)  .task, .timeout
     │   ├── UpstreamFailedError(RuntimeError) .task, .upstream
     │   ├── WorkerCrashedError(RuntimeError) .task, .attempt, .pid, .exitcode
-    │   └── RemoteTaskError(RuntimeError)   a body's error that could not be pickled back
+    │   ├── RemoteTaskError(RuntimeError)   a body's error that could not be pickled back
+    │   ├── MapSourceError(TypeError)       .task, .source: mapped over a non-list
+    │   └── MappedItemsFailedError(RuntimeError) .task, .failed, .first
     ├── RemoteTraceback                     .text: another process's traceback, as a __cause__
     ├── RetryError(RuntimeError)            .last_exception, .attempts
     ├── CircuitOpenError(RuntimeError)      .breaker, .retry_after
@@ -157,6 +160,15 @@ class NotPicklableError(PipelineError, TypeError):
         )
 
 
+class ParameterError(PipelineError, ValueError):
+    """A run parameter is unknown, or its value does not fit the declared default."""
+
+    def __init__(self, message: str, name: str, suggestion: str | None = None) -> None:
+        self.name = name
+        self.suggestion = suggestion
+        super().__init__(message)
+
+
 class PipelineLoadError(PipelineError, ValueError):
     """A ``FILE[:PIPELINE]`` reference does not name a loadable pipeline."""
 
@@ -181,6 +193,37 @@ class UpstreamFailedError(TaskError, RuntimeError):
         self.task = task
         self.upstream = upstream
         super().__init__(f"task {task!r} skipped: upstream task {upstream!r} failed")
+
+
+class MapSourceError(TaskError, TypeError):
+    """A mapped task's upstream returned something that is not a list of items."""
+
+    def __init__(self, task: str, source: str, value: object) -> None:
+        self.task = task
+        self.source = source
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(
+            f"task {task!r} maps over {source!r}, which returned {type(value).__name__} {shown}; "
+            f"make {source!r} return a list (or another iterable that is not a string or a dict)"
+        )
+
+
+class MappedItemsFailedError(TaskError, RuntimeError):
+    """Some items of a mapped task did not succeed.
+
+    ``failed`` counts them; ``first`` is the name of the first one.
+    """
+
+    def __init__(self, task: str, failed: int, total: int, first: str) -> None:
+        self.task = task
+        self.failed = failed
+        self.total = total
+        self.first = first
+        super().__init__(
+            f"task {task!r}: {failed} of {total} mapped items did not succeed (first: {first!r})"
+        )
 
 
 class RetryError(PipeoptError, RuntimeError):
@@ -236,13 +279,18 @@ class RunLockedError(RunStoreError):
 class TaskSignatureError(PipelineError, TypeError):
     """A task function has a parameter that nothing can fill."""
 
-    def __init__(self, task: str, parameter: str, dependencies: Sequence[str]) -> None:
+    def __init__(
+        self, task: str, parameter: str, dependencies: Sequence[str], *, hint: str | None = None
+    ) -> None:
         self.task = task
         self.parameter = parameter
         deps = ", ".join(repr(d) for d in dependencies) or "none"
+        if hint is not None:
+            super().__init__(f"task {task!r} has no parameter {parameter!r}: {hint}")
+            return
         super().__init__(
             f"task {task!r}: parameter {parameter!r} matches no dependency "
-            f"(dependencies: {deps}); name it 'context' or after a dependency, "
+            f"(dependencies: {deps}); name it 'context', 'params' or after a dependency, "
             "or give it a default"
         )
 

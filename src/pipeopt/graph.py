@@ -10,9 +10,19 @@ of expected work from the task to a sink of the graph, itself included).
 
 Parameter injection: a parameter named ``context`` receives the
 :class:`~pipeopt.context.ExecutionContext`; a parameter named like a
-dependency receives that dependency's result; ``**kwargs`` receives the
-results of the dependencies not named otherwise. Any other parameter must
-have a default.
+dependency receives that dependency's result; a parameter named ``params``
+receives the run's parameters (a read-only mapping); ``**kwargs`` receives
+the results of the dependencies not named otherwise. Any other parameter
+must have a default.
+
+Mapping: a task with ``map_over=upstream`` runs once per item of that
+upstream's result; each run is a task of its own named ``name[i]`` and
+receives its item where it would have received the whole result. Trigger
+rules: ``trigger="all_success"`` (the default) runs a task when every
+dependency succeeded; ``"all_done"`` when every dependency is final,
+whatever its state; ``"any_success"`` when every dependency is final and at
+least one succeeded. The last two receive a :class:`~pipeopt.result.Missing`
+for each dependency (or mapped item) that did not succeed.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -41,6 +51,7 @@ if TYPE_CHECKING:
     from pipeopt.retry import RetryPolicy
 
 BodyKind = Literal["function", "coroutine", "generator", "async_generator"]
+TRIGGERS: tuple[str, ...] = ("all_success", "all_done", "any_success")
 
 
 @dataclass(eq=False)
@@ -69,6 +80,16 @@ class PipelineTask:
         group: names the task's metrics group: pipelines above a size report
             Prometheus series per group instead of per task (see
             :mod:`pipeopt.metrics`); ``None`` uses the criticality label.
+        map_over: a dependency (name or task) whose result is a list (or any
+            iterable): the task runs once per item, as ``name[0]``,
+            ``name[1]``, ..., each with its own attempts, retries, timeout
+            and state; its dependents receive the list of item results in
+            input order. Added to ``dependencies`` if missing there.
+        trigger: when the task runs: ``"all_success"`` (every dependency
+            succeeded), ``"all_done"`` (every dependency is final) or
+            ``"any_success"`` (every dependency is final, at least one
+            succeeded); dependencies that did not succeed are passed as
+            :class:`~pipeopt.result.Missing`.
     """
 
     name: str
@@ -83,6 +104,8 @@ class PipelineTask:
     persist: bool = True
     description: str = ""
     group: str | None = None
+    map_over: str | PipelineTask | None = None
+    trigger: str = "all_success"
     _deps: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +128,27 @@ class PipelineTask:
                 raise SelfDependencyError(self.name)
             if dep_name not in names:
                 names.append(dep_name)
+        if self.map_over is not None:
+            source = self.map_over
+            if isinstance(source, PipelineTask):
+                source = source.name
+            if not isinstance(source, str) or not source:
+                raise TypeError(
+                    f"task {self.name!r}: map_over must be a task or a task name, "
+                    f"got {type(self.map_over).__name__} {self.map_over!r}"
+                )
+            if source == self.name:
+                raise SelfDependencyError(self.name)
+            self.map_over = source
+            if source not in names:
+                names.append(source)
+        if self.trigger not in TRIGGERS:
+            close = difflib.get_close_matches(str(self.trigger), TRIGGERS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"task {self.name!r}: trigger must be one of {', '.join(TRIGGERS)}, "
+                f"got {self.trigger!r}{hint}"
+            )
         self._deps = tuple(names)
         self.dependencies = self._deps
         if self.timeout is not None:
@@ -126,6 +170,11 @@ class PipelineTask:
     def dependency_names(self) -> tuple[str, ...]:
         """Return the names of the tasks this one depends on, in declared order."""
         return self._deps
+
+    @property
+    def map_source(self) -> str | None:
+        """Return the name of the dependency this task maps over, or ``None``."""
+        return self.map_over if isinstance(self.map_over, str) else None
 
     @property
     def level(self) -> Criticality:
@@ -154,11 +203,24 @@ class Pipeline:
             return sum(extract)
     """
 
-    def __init__(self, name: str = "pipeline", *, description: str = "") -> None:
+    def __init__(
+        self,
+        name: str = "pipeline",
+        *,
+        description: str = "",
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"pipeline name must be a non-empty string, got {name!r}")
         self.name = name
         self.description = description
+        self.params: dict[str, Any] = {}
+        for key, value in (params or {}).items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError(
+                    f"pipeline {name!r}: parameter names must be identifiers, got {key!r}"
+                )
+            self.params[key] = value
         self._tasks: dict[str, PipelineTask] = {}
         self._running = 0
 
@@ -226,6 +288,8 @@ class Pipeline:
         persist: bool = True,
         description: str | None = None,
         group: str | None = None,
+        map_over: str | PipelineTask | None = None,
+        trigger: str = "all_success",
     ) -> Callable[[Callable[..., Any]], PipelineTask]: ...
 
     def task(
@@ -244,6 +308,8 @@ class Pipeline:
         persist: bool = True,
         description: str | None = None,
         group: str | None = None,
+        map_over: str | PipelineTask | None = None,
+        trigger: str = "all_success",
     ) -> PipelineTask | Callable[[Callable[..., Any]], PipelineTask]:
         """Register a function as a task; use bare (``@p.task``) or with options.
 
@@ -273,6 +339,8 @@ class Pipeline:
                     if description is not None
                     else (inspect.getdoc(f) or "").split("\n", 1)[0],
                     group=group,
+                    map_over=map_over,
+                    trigger=trigger,
                 )
             )
 
@@ -288,7 +356,7 @@ class Pipeline:
             CycleError: the graph has a cycle (its tasks listed in order).
             TaskSignatureError: a parameter matches neither ``context`` nor a dependency.
         """
-        return CompiledPipeline(self.name, list(self._tasks.values()))
+        return CompiledPipeline(self.name, list(self._tasks.values()), self.params)
 
     def validate(self) -> None:
         """Raise the first problem :meth:`compile` would find; return if none."""
@@ -303,6 +371,7 @@ class Injection:
     by_name: tuple[tuple[str, str], ...]  # (parameter, dependency)
     rest_as_kwargs: tuple[str, ...]  # dependencies passed through **kwargs
     kind: BodyKind
+    wants_params: bool = False
 
 
 # (name, kind, has default) per parameter; None for callables without a signature.
@@ -336,6 +405,7 @@ def _injection(
         return Injection(False, (), (), kind)
     deps = task.dependency_names
     wants_context = False
+    wants_params = False
     by_name: list[tuple[str, str]] = []
     var_kw = False
     for name, param_kind, has_default in params:
@@ -350,11 +420,21 @@ def _injection(
             wants_context = True
         elif name in deps:
             by_name.append((name, name))
+        elif name == "params":
+            wants_params = True
         elif not has_default:
             raise TaskSignatureError(task.name, name, deps)
     named = {dep for _, dep in by_name}
     rest = tuple(d for d in deps if d not in named) if var_kw else ()
-    return Injection(wants_context, tuple(by_name), rest, kind)
+    source = task.map_source
+    if source is not None and source not in named and source not in rest:
+        raise TaskSignatureError(
+            task.name,
+            source,
+            deps,
+            hint=f"a task mapped over {source!r} receives each item as parameter {source!r}",
+        )
+    return Injection(wants_context, tuple(by_name), rest, kind, wants_params)
 
 
 def _kind(func: Callable[..., Any]) -> BodyKind:
@@ -380,11 +460,16 @@ class CompiledPipeline:
         levels: effective criticality per task (inherited from dependents).
         critical_path: remaining critical path per task, in expected seconds.
         injections: how to call each task's function.
+        map_sources: per task, the index of the dependency it maps over, or -1.
+        params: the pipeline's declared parameters and their defaults.
     """
 
-    def __init__(self, name: str, tasks: list[PipelineTask]) -> None:
+    def __init__(
+        self, name: str, tasks: list[PipelineTask], params: Mapping[str, Any] | None = None
+    ) -> None:
         self.name = name
         self.tasks = tasks
+        self.params: dict[str, Any] = dict(params or {})
         self.index = {task.name: i for i, task in enumerate(tasks)}
         index = self.index
         try:
@@ -405,6 +490,9 @@ class CompiledPipeline:
         cache: dict[Callable[..., Any], tuple[_Params, BodyKind]] = {}
         self.injections = [_injection(task, cache) for task in tasks]
         self.names = [task.name for task in tasks]
+        self.map_sources = [
+            -1 if task.map_over is None else index[str(task.map_over)] for task in tasks
+        ]
 
     def __len__(self) -> int:
         return len(self.tasks)

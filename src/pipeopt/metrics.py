@@ -43,7 +43,7 @@ import bisect
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
@@ -195,7 +195,7 @@ class PipelineCollector(Collector):
         core, labels = self._core, self._labels
         if core is None or labels is None:
             return
-        keys = labels.per_task
+        keys = _item_keys(core, labels)
         totals = self._totals
         attempts = core.attempt_log
         end = len(attempts)
@@ -304,10 +304,19 @@ class PipelineCollector(Collector):
             yield runs
 
 
+def _item_keys(core: SchedulerCore, labels: SeriesLabels) -> Sequence[tuple[str, str, str]]:
+    """Return the labels per task index, mapped items reporting as their task."""
+    keys = labels.per_task
+    if len(core.outcomes) == len(keys):
+        return keys
+    parents = core.parents
+    return [*keys, *(keys[parents[i]] for i in range(len(keys), len(core.outcomes)))]
+
+
 def _custom_series(
     core: SchedulerCore, labels: SeriesLabels, into: dict[tuple[str, str, str, str], float]
 ) -> None:
-    keys = labels.per_task
+    keys = _item_keys(core, labels)
     for i, outcome in enumerate(core.outcomes):
         if not outcome.custom_metrics:
             continue

@@ -10,8 +10,8 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +20,7 @@ from pipeopt.errors import RunInterrupted, RunStoreError
 from pipeopt.executors.base import Executor
 from pipeopt.executors.registry import create_executor
 from pipeopt.metrics import OptimizerMetrics
+from pipeopt.params import resolve_params
 from pipeopt.result import RunGraph, RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
 from pipeopt.scheduler import RunHooks, RunLoop, SchedulerCore
 
@@ -256,13 +257,14 @@ class PipelineOptimizer:
                     f"pipeline {pipeline.name!r} changed since run {previous}: {listed}; "
                     "use --force to resume anyway"
                 )
-            preloaded = store.load_results(previous, names=set(compiled.index))
+            preloaded = store.load_results(previous, names=_ResumableNames(compiled))
             return self.run(pipeline, _preloaded=preloaded, _resumed_from=previous)
 
     def run(
         self,
         pipeline: Pipeline,
         *,
+        params: Mapping[str, Any] | None = None,
         run_id: str | None = None,
         _preloaded: dict[str, object] | None = None,
         _resumed_from: str | None = None,
@@ -276,20 +278,29 @@ class PipelineOptimizer:
         :class:`~pipeopt.errors.RunInterrupted` (a ``KeyboardInterrupt``) with
         the partial result as its ``result``.
 
+        Args:
+            params: values of the pipeline's declared parameters for this
+                run; the rest keep their defaults. Bodies with a ``params``
+                parameter receive all of them, read-only.
+
         Raises:
             PipelineError: the pipeline is invalid (see :mod:`pipeopt.errors`).
             RunInterrupted: Ctrl-C (or a signal handler's ``KeyboardInterrupt``)
                 stopped the run.
+            ParameterError: a parameter is not declared or its value's type
+                does not match its default's.
         """
+        values = resolve_params(pipeline.params, params)
         if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
             with _gc_tuning:
-                return self._run(pipeline, run_id, _preloaded, _resumed_from)
-        return self._run(pipeline, run_id, _preloaded, _resumed_from)
+                return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+        return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
 
     def _run(
         self,
         pipeline: Pipeline,
         run_id: str | None,
+        params: dict[str, Any],
         _preloaded: dict[str, object] | None,
         _resumed_from: str | None,
     ) -> RunResult:
@@ -304,6 +315,7 @@ class PipelineOptimizer:
             fail_fast=self.fail_fast,
             aging_interval=self.aging_interval,
             rng=random.Random(self.seed),
+            params=params,
         )
         store = self.store
         observer = (
@@ -362,6 +374,7 @@ class PipelineOptimizer:
                 started_at=started_wall,
                 wall_time=wall,
                 interrupted=interrupted is not None or loop.interrupted,
+                params=params,
             )
         with self._lock:
             self._status = status
@@ -496,6 +509,8 @@ def _copy_outcome(outcome: TaskOutcome) -> TaskOutcome:
         copied.attempt_history = list(outcome.attempt_history)
     if outcome.custom_metrics:
         copied.custom_metrics = dict(outcome.custom_metrics)
+    if outcome.logs:
+        copied.logs = list(outcome.logs)
     return copied
 
 
@@ -511,6 +526,22 @@ def _run_graph(compiled: CompiledPipeline) -> RunGraph:
         groups=tuple(task_group(t) for t in tasks),
         descriptions=tuple(t.description for t in tasks),
     )
+
+
+class _ResumableNames:
+    """The task names whose stored results a resumed run can reuse: tasks and mapped items."""
+
+    def __init__(self, compiled: CompiledPipeline) -> None:
+        self._index = compiled.index
+        self._mapped = {compiled.names[i] for i, s in enumerate(compiled.map_sources) if s >= 0}
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self._index:
+            return True
+        base, bracket, rest = name.partition("[")
+        return bool(bracket) and base in self._mapped and rest[:-1].isdigit()
 
 
 def _status(core: SchedulerCore, interrupted: bool) -> RunStatus:

@@ -56,6 +56,33 @@ class RunStatus(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Missing:
+    """Stands in for the result of an upstream task that did not succeed.
+
+    A task whose ``trigger`` is ``"all_done"`` or ``"any_success"`` receives
+    it in place of each such upstream result (for a mapped upstream, in
+    place of each item that did not succeed). It is falsy, so
+    ``[r for r in results if r]`` keeps only real results.
+
+    Attributes:
+        task: the upstream task (or item) that did not succeed.
+        state: its final state: ``failed``, ``skipped`` or ``cancelled``.
+        error: the exception it ended with, if any.
+    """
+
+    task: str
+    state: TaskState
+    error: BaseException | None = None
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        why = f", {type(self.error).__name__}: {self.error}" if self.error is not None else ""
+        return f"Missing({self.task!r}, {self.state.value}{why})"
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """One attempt of a task: its number (1-based), start, duration and error."""
 
@@ -74,10 +101,16 @@ class TaskOutcome:
     backoff included; each attempt's own timing is in ``attempt_history``.
     ``error`` is the exception of the final attempt, kept whole (type, args,
     ``__cause__`` and traceback); ``traceback`` is its formatted text.
+    ``criticality`` is the effective label the task ran with (inherited from
+    the tasks waiting on it); ``declared_criticality`` is the label written
+    on the task. ``logs`` holds the log records its attempts emitted,
+    formatted, at most a bounded number per task (a last line says how many
+    were left out).
     """
 
     name: str
     criticality: str
+    declared_criticality: str | None = None
     state: TaskState = TaskState.PENDING
     attempts: int = 0
     started_at: float | None = None
@@ -86,6 +119,7 @@ class TaskOutcome:
     traceback: str | None = None
     attempt_history: list[AttemptRecord] = field(default_factory=list)
     custom_metrics: dict[str, float] = field(default_factory=dict)
+    logs: list[str] = field(default_factory=list)
 
     @property
     def duration(self) -> float | None:
@@ -99,6 +133,7 @@ class TaskOutcome:
         return {
             "name": self.name,
             "criticality": self.criticality,
+            "declared_criticality": self.declared_criticality or self.criticality,
             "state": self.state.value,
             "attempts": self.attempts,
             "started_at": self.started_at,
@@ -125,6 +160,7 @@ class RunResult:
     started_at: float
     wall_time: float
     interrupted: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -165,9 +201,21 @@ class RunResult:
             "started_at": self.started_at,
             "wall_time_s": self.wall_time,
             "interrupted": self.interrupted,
+            "params": {k: _jsonable(v) for k, v in self.params.items()},
             "counts": self.counts(),
             "tasks": {name: o.to_dict() for name, o in self.tasks.items()},
         }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    isoformat = getattr(value, "isoformat", None)
+    return isoformat() if callable(isoformat) else str(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,9 @@
 """The scheduling state machine and the threaded run loop.
 
 Policy
-    A task becomes *ready* when all its dependencies have succeeded. Ready
+    A task becomes *ready* when all its dependencies have succeeded (its
+    ``trigger`` may ask instead for every dependency to be final, or final
+    with at least one success). Ready
     tasks leave the queue by effective criticality (inherited from the tasks
     that wait on them), then by remaining critical path (longest first), then
     first in, first out; waiting ages a task one level per
@@ -18,7 +20,18 @@ Invariants
     every dependency succeeded; each final state is set exactly once;
     ``finished`` counts tasks in a final state and the run is over when it
     equals the number of tasks; a failed task's descendants, and only they,
-    are skipped (unless ``fail_fast`` cancels everything not started).
+    are skipped (unless ``fail_fast`` cancels everything not started), or
+    notified when their trigger accepts a dependency that did not succeed.
+
+Mapping
+    A task with ``map_over`` does not run itself: when it becomes ready it
+    *expands* into one item per element of its source's result. Items are
+    tasks like any other, appended to the per-task lists (index ``>=`` the
+    number of static tasks), with the parent's settings and rank and no
+    dependencies of their own. The parent stays ``running`` until its last
+    item is final; it then succeeds with the items' results in input order,
+    or fails (or is cancelled) if any item did not succeed. Items have no
+    dependents: the parent's dependents wait on the parent.
 
 Drivers
     :class:`RunLoop` runs the core with ``max_workers`` worker threads
@@ -43,7 +56,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeopt.context import ExecutionContext
-from pipeopt.errors import CircuitOpenError, TaskTimeoutError, UpstreamFailedError
+from pipeopt.errors import (
+    CircuitOpenError,
+    MappedItemsFailedError,
+    MapSourceError,
+    TaskTimeoutError,
+    UpstreamFailedError,
+)
 from pipeopt.executors.base import (
     SyncExecutor,
     TaskCall,
@@ -51,19 +70,21 @@ from pipeopt.executors.base import (
     close_thread_loop,
     resolve_output,
 )
+from pipeopt.params import RunParams
 from pipeopt.priority import LABELS, LeveledQueue
-from pipeopt.result import AttemptRecord, TaskOutcome, TaskState
+from pipeopt.result import AttemptRecord, Missing, TaskOutcome, TaskState
 
 if TYPE_CHECKING:
     from pipeopt.batching import Batcher
     from pipeopt.executors.base import Executor
-    from pipeopt.graph import CompiledPipeline
+    from pipeopt.graph import CompiledPipeline, PipelineTask
 
 _PARK_FOR_BUSY_BREAKER = 0.05  # re-check a half-open breaker whose trial slots are all taken
 # (value, error, traceback text, cached, started, ended) of one attempt.
 _Ran = tuple[Any, BaseException | None, str | None, bool, float, float]
 _FAST_BODY_SECONDS = 50e-6  # bodies faster than this are claimed several at a time
 _FAST_CLAIM = 8
+_SUCCESS = (TaskState.SUCCEEDED, TaskState.CACHED)
 
 
 @dataclass(slots=True)
@@ -93,7 +114,12 @@ class Attempt:
 
 
 class SchedulerCore:
-    """The pure scheduling state machine of one run (callers hold the lock)."""
+    """The pure scheduling state machine of one run (callers hold the lock).
+
+    Per-task lists (``tasks``, ``names``, ``groups``, ``levels``,
+    ``outcomes``, ...) are indexed like the compiled pipeline and grow when a
+    mapped task expands into its items.
+    """
 
     def __init__(
         self,
@@ -103,22 +129,46 @@ class SchedulerCore:
         aging_interval: float | None = 5.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
         self.compiled = compiled
         self.fail_fast = fail_fast
         self.clock = clock
         self.rng = rng if rng is not None else random.Random()
+        self.params: Mapping[str, Any] = RunParams(compiled.params if params is None else params)
         n = len(compiled)
+        self.tasks: list[PipelineTask] = list(compiled.tasks)
+        self.injections = list(compiled.injections)
+        self.names: list[str] = list(compiled.names)
+        self.groups: list[str] = list(compiled.names)  # metrics label: items share their task's
+        self.levels: list[int] = list(compiled.levels)
         self.outcomes = [
-            TaskOutcome(name=task.name, criticality=LABELS[compiled.levels[i]])
+            TaskOutcome(
+                name=task.name,
+                criticality=LABELS[compiled.levels[i]],
+                declared_criticality=task.level.label,
+            )
             for i, task in enumerate(compiled.tasks)
         ]
         self.results: dict[str, Any] = {}
         self._remaining = [len(d) for d in compiled.dependencies]
         self._dependents = compiled.dependents
         self._breakers = [task.circuit_breaker for task in compiled.tasks]
-        self._levels = compiled.levels
+        self._levels = self.levels
         self._ranks = [-cost for cost in compiled.critical_path]
+        self._static = n
+        self._map_sources = compiled.map_sources
+        self._triggers = [task.trigger for task in compiled.tasks]
+        # Per task: its arguments need more than the succeeded dependencies' results.
+        self.special = [
+            task.trigger != "all_success" or inj.wants_params
+            for task, inj in zip(compiled.tasks, compiled.injections, strict=True)
+        ]
+        self.parents: list[int] = [-1] * n
+        self._inputs: list[Any] = [None] * n
+        self._items: dict[int, range] = {}
+        self._items_left: dict[int, int] = {}
+        self._preloaded: Mapping[str, Any] = {}
         self._ready: LeveledQueue[int] = LeveledQueue(aging_interval, clock)
         self._parked: list[tuple[float, int, int]] = []
         self._parked_seq = 0
@@ -165,6 +215,7 @@ class SchedulerCore:
                 zero attempts, and their dependents see the results.
         """
         if preloaded:
+            self._preloaded = preloaded
             for name, value in preloaded.items():
                 i = self.compiled.index.get(name)
                 if i is None:
@@ -178,7 +229,70 @@ class SchedulerCore:
                     self._remaining[j] -= 1
         for i in self.compiled.order:
             if self._remaining[i] == 0 and self.outcomes[i].state is TaskState.PENDING:
-                self._make_ready(i)
+                self._wake(i)
+
+    # -- arguments -------------------------------------------------------
+
+    def value_of(self, d: int) -> Any:
+        """Return what dependents receive from final task ``d``.
+
+        Its result if it succeeded; otherwise a :class:`Missing`, or, for a
+        mapped task, the list of its items' results with a :class:`Missing`
+        for each item that did not succeed.
+        """
+        outcome = self.outcomes[d]
+        if outcome.state in _SUCCESS:
+            return self.results[outcome.name]
+        items = self._items.get(d)
+        if items is None:
+            return Missing(outcome.name, outcome.state, outcome.error)
+        outcomes, results = self.outcomes, self.results
+        return [
+            results[o.name] if o.state in _SUCCESS else Missing(o.name, o.state, o.error)
+            for o in (outcomes[j] for j in items)
+        ]
+
+    def inputs(self, i: int) -> dict[str, Any]:
+        """Return the upstream values task ``i`` sees, by dependency name.
+
+        An item sees its own element in place of the list it was mapped over.
+        """
+        parent = self.parents[i]
+        static = i if parent < 0 else parent
+        names = self.names
+        values = {names[d]: self.value_of(d) for d in self.compiled.dependencies[static]}
+        if parent >= 0:
+            values[names[self._map_sources[parent]]] = self._inputs[i]
+        return values
+
+    def arguments(self, i: int) -> dict[str, Any]:
+        """Return the keyword arguments of task ``i``'s body (without ``context``)."""
+        injection = self.injections[i]
+        if not self.special[i]:
+            results = self.results
+            kwargs = {param: results[dep] for param, dep in injection.by_name}
+            for dep in injection.rest_as_kwargs:
+                kwargs[dep] = results[dep]
+            return kwargs
+        parent = self.parents[i]
+        if parent >= 0 and not self.special[parent]:
+            # An item of a plain mapped task: its dependencies all succeeded.
+            results = self.results
+            source = self.names[self._map_sources[parent]]
+            item = self._inputs[i]
+            kwargs = {
+                param: item if dep == source else results[dep] for param, dep in injection.by_name
+            }
+            for dep in injection.rest_as_kwargs:
+                kwargs[dep] = item if dep == source else results[dep]
+            return kwargs
+        values = self.inputs(i)
+        kwargs = {param: values[dep] for param, dep in injection.by_name}
+        for dep in injection.rest_as_kwargs:
+            kwargs[dep] = values[dep]
+        if injection.wants_params:
+            kwargs["params"] = self.params
+        return kwargs
 
     def cached(self, i: int, result: Any) -> int:
         """Finish a running task with a result reused from the store; return tasks woken."""
@@ -190,6 +304,165 @@ class SchedulerCore:
     def _make_ready(self, i: int) -> None:
         self.outcomes[i].state = TaskState.READY
         self._ready.push(i, self._levels[i], self._ranks[i])
+
+    def _wake(self, i: int) -> int:
+        """Make a static task whose dependencies are met ready (or expand it); return items."""
+        if self._map_sources[i] < 0:
+            self._make_ready(i)
+            return 1
+        return self._expand(i)
+
+    def _expand(self, i: int) -> int:
+        """Turn mapped task ``i`` into one item per element of its source; return items ready."""
+        outcome = self.outcomes[i]
+        outcome.state = TaskState.RUNNING
+        outcome.started_at = time.time()
+        task = self.tasks[i]
+        source = self._map_sources[i]
+        value = self.value_of(source)
+        if isinstance(value, Missing):
+            self._end_unsuccessful(i, TaskState.SKIPPED, UpstreamFailedError(task.name, value.task))
+            return 0
+        try:
+            if isinstance(value, str | bytes | Mapping):
+                raise TypeError
+            elements = list(value)
+        except TypeError:
+            self._end_unsuccessful(
+                i, TaskState.FAILED, MapSourceError(task.name, self.names[source], value)
+            )
+            return 0
+        count = len(elements)
+        if count == 0:
+            self._end_mapped(i, ())
+            return 0
+        start = len(self.outcomes)
+        items = range(start, start + count)
+        name = task.name
+        item_names = [f"{name}[{k}]" for k in range(count)]
+        label, declared = outcome.criticality, outcome.declared_criticality
+        self.outcomes.extend([TaskOutcome(n, label, declared) for n in item_names])
+        self.names.extend(item_names)
+        self.groups.extend([name] * count)
+        self.tasks.extend([task] * count)
+        self.injections.extend([self.injections[i]] * count)
+        self._levels.extend([self._levels[i]] * count)
+        self._ranks.extend([self._ranks[i]] * count)
+        self._breakers.extend([self._breakers[i]] * count)
+        self._remaining.extend([0] * count)
+        self.special.extend([True] * count)
+        self.parents.extend([i] * count)
+        self._inputs.extend(elements)
+        self._items[i] = items
+        self._items_left[i] = count
+        self.total += count
+        preloaded = self._preloaded
+        ready = 0
+        for j in items:
+            if preloaded and item_names[j - start] in preloaded:
+                item = self.outcomes[j]
+                item.state = TaskState.SUCCEEDED
+                self.results[item.name] = preloaded[item.name]
+                self._final(j)
+            else:
+                self._make_ready(j)
+                ready += 1
+        return ready
+
+    def _final(self, i: int) -> int:
+        """Count task ``i`` as final; return tasks made ready (by a mapped task ending)."""
+        self.finished += 1
+        self.completed.append(i)
+        parent = self.parents[i]
+        if parent < 0:
+            return 0
+        left = self._items_left[parent] - 1
+        self._items_left[parent] = left
+        if left:
+            return 0
+        return self._end_mapped(parent, self._items[parent])
+
+    def _end_mapped(self, i: int, items: range | tuple[()]) -> int:
+        """End mapped task ``i`` once every item is final; return tasks made ready."""
+        outcomes = self.outcomes
+        bad = [j for j in items if outcomes[j].state not in _SUCCESS]
+        if bad:
+            first = outcomes[bad[0]]
+            error = MappedItemsFailedError(self.names[i], len(bad), len(items), first.name)
+            error.__cause__ = first.error
+            cancelled = any(outcomes[j].state is TaskState.CANCELLED for j in bad)
+            self._end_unsuccessful(
+                i, TaskState.CANCELLED if cancelled else TaskState.FAILED, error, count=False
+            )
+            return 0
+        results = self.results
+        outcome = outcomes[i]
+        outcome.state = TaskState.SUCCEEDED
+        outcome.finished_at = time.time()
+        results[outcome.name] = [results[outcomes[j].name] for j in items]
+        woken = self._final(i)
+        if self.stopped:
+            return woken
+        remaining = self._remaining
+        for j in self._dependents[i]:
+            remaining[j] -= 1
+            if remaining[j] == 0 and outcomes[j].state is TaskState.PENDING:
+                woken += self._wake(j)
+        return woken
+
+    def _end_unsuccessful(
+        self, i: int, state: TaskState, error: BaseException, *, count: bool = True
+    ) -> None:
+        """End task ``i`` in ``state`` without running it (or its items) again."""
+        outcome = self.outcomes[i]
+        outcome.state = state
+        outcome.error = error
+        if outcome.started_at is None:
+            outcome.started_at = time.time()
+        outcome.finished_at = time.time()
+        if state is TaskState.FAILED and count:
+            self.failures_total += 1
+        self._final(i)
+        if state is not TaskState.CANCELLED:
+            self._notify_unsuccessful(i)
+        if state is TaskState.FAILED and self.fail_fast:
+            self.stop()
+
+    def _notify_unsuccessful(self, i: int) -> None:
+        """Tell the dependents of task ``i``, which ended without success.
+
+        A default-trigger dependent is skipped, and so on down the graph; a
+        dependent with another trigger counts the dependency as final and
+        runs (or, for ``any_success`` without any success, is skipped) once
+        its last dependency is final.
+        """
+        if i >= self._static:
+            return  # an item: its mapped task tells the dependents
+        outcomes = self.outcomes
+        remaining = self._remaining
+        triggers = self._triggers
+        stack = [(i, outcomes[i].name)]
+        while stack:
+            k, origin = stack.pop()
+            for j in self._dependents[k]:
+                dependent = outcomes[j]
+                if dependent.state is not TaskState.PENDING:
+                    continue
+                trigger = triggers[j]
+                if trigger != "all_success":
+                    remaining[j] -= 1
+                    if remaining[j]:
+                        continue
+                    if trigger == "all_done" or any(
+                        outcomes[d].state in _SUCCESS for d in self.compiled.dependencies[j]
+                    ):
+                        if not self.stopped:
+                            self._wake(j)
+                        continue
+                dependent.state = TaskState.SKIPPED
+                dependent.error = UpstreamFailedError(dependent.name, origin)
+                self._final(j)
+                stack.append((j, origin))
 
     def _park(self, i: int, due: float) -> None:
         self.outcomes[i].state = TaskState.RETRYING
@@ -218,7 +491,7 @@ class SchedulerCore:
             return None
         if self._parked and self._parked[0][0] <= now:
             self.release_due(now)
-        tasks = self.compiled.tasks
+        tasks = self.tasks
         while True:
             i = self._ready.pop()
             if i is None:
@@ -247,9 +520,13 @@ class SchedulerCore:
         if outcome.attempts == 0:
             outcome.started_at = None
         self.active -= 1
-        breaker = self.compiled.tasks[i].circuit_breaker
+        breaker = self._breakers[i]
         if breaker is not None:
             breaker.release()
+        if self.stopped:  # the run stopped while the task was claimed: it never starts
+            outcome.state = TaskState.CANCELLED
+            self._final(i)
+            return
         self._make_ready(i)
 
     def succeed(self, i: int, result: Any, record: AttemptRecord | None) -> int:
@@ -267,11 +544,13 @@ class SchedulerCore:
             outcome.traceback = None
         self.results[outcome.name] = result
         self.active -= 1
-        self.finished += 1
-        self.completed.append(i)
         breaker = self._breakers[i]
         if breaker is not None:
             breaker.record_success()
+        if self.parents[i] >= 0:
+            return self._final(i)
+        self.finished += 1
+        self.completed.append(i)
         if self.stopped:
             return 0
         woken = 0
@@ -280,8 +559,7 @@ class SchedulerCore:
         for j in self._dependents[i]:
             remaining[j] -= 1
             if remaining[j] == 0 and outcomes[j].state is TaskState.PENDING:
-                self._make_ready(j)
-                woken += 1
+                woken += self._wake(j)
         return woken
 
     def fail(self, i: int, error: BaseException, record: AttemptRecord, now: float) -> bool:
@@ -290,7 +568,7 @@ class SchedulerCore:
         outcome.attempt_history.append(record)
         self.attempt_log.append((i, record.duration, True))
         self.active -= 1
-        task = self.compiled.tasks[i]
+        task = self.tasks[i]
         breaker = task.circuit_breaker
         if breaker is not None and not isinstance(error, CircuitOpenError):
             breaker.record_failure(error)
@@ -306,26 +584,8 @@ class SchedulerCore:
         return False
 
     def _finish_failed(self, i: int, error: BaseException, text: str | None, now: float) -> None:
-        outcome = self.outcomes[i]
-        outcome.state = TaskState.FAILED
-        outcome.error = error
-        outcome.traceback = text
-        if outcome.started_at is None:
-            outcome.started_at = time.time()
-        outcome.finished_at = time.time()
-        self.finished += 1
-        self.failures_total += 1
-        self.completed.append(i)
-        name = outcome.name
-        for j in self.compiled.descendants(i):
-            dependent = self.outcomes[j]
-            if dependent.state is TaskState.PENDING:
-                dependent.state = TaskState.SKIPPED
-                dependent.error = UpstreamFailedError(dependent.name, name)
-                self.finished += 1
-                self.completed.append(j)
-        if self.fail_fast:
-            self.stop()
+        self.outcomes[i].traceback = text
+        self._end_unsuccessful(i, TaskState.FAILED, error)
 
     def stop(self, reason: BaseException | None = None) -> list[int]:
         """Stop dispatching and cancel every task that has not started.
@@ -335,14 +595,16 @@ class SchedulerCore:
         """
         self.stopped = True
         cancelled: list[int] = []
+        waiting = (TaskState.PENDING, TaskState.READY, TaskState.RETRYING)
+        # Items come after every static task, so a mapped task ended by its last
+        # cancelled item has had its pending dependents cancelled already.
         for i, outcome in enumerate(self.outcomes):
-            if outcome.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING):
+            if outcome.state in waiting:
                 outcome.state = TaskState.CANCELLED
                 if reason is not None and outcome.error is None:
                     outcome.error = reason
-                self.finished += 1
-                self.completed.append(i)
                 cancelled.append(i)
+                self._final(i)
         self._ready.drain()
         self._parked.clear()
         return cancelled
@@ -355,11 +617,10 @@ class SchedulerCore:
             outcome.error = error
             outcome.finished_at = time.time()
             self.active -= 1
-            self.finished += 1
-            self.completed.append(i)
-            breaker = self.compiled.tasks[i].circuit_breaker
+            breaker = self._breakers[i]
             if breaker is not None:
                 breaker.release()
+            self._final(i)
 
 
 class RunObserver(Protocol):
@@ -474,7 +735,7 @@ class RunLoop:
             _, _, attempt = heapq.heappop(self._deadlines)
             if attempt.abandoned or self._running.get(attempt.index) is not attempt:
                 continue
-            timeout = self.core.compiled.tasks[attempt.index].timeout
+            timeout = self.core.tasks[attempt.index].timeout
             assert timeout is not None
             attempt.error = TaskTimeoutError(self.core.outcomes[attempt.index].name, timeout)
             attempt.value, attempt.cached, attempt.ended = None, False, now
@@ -535,7 +796,7 @@ class RunLoop:
                 time.sleep(wait)
                 continue
             ran = self._run_body(attempt)
-            timeout = core.compiled.tasks[attempt.index].timeout
+            timeout = core.tasks[attempt.index].timeout
             if ran[1] is None and timeout is not None and ran[5] - ran[4] > timeout:
                 # The caller's thread cannot be interrupted: judge the attempt when it returns.
                 name = core.outcomes[attempt.index].name
@@ -613,7 +874,7 @@ class RunLoop:
     def _begin(self, i: int) -> Attempt:
         core = self.core
         outcome = core.outcomes[i]
-        task = core.compiled.tasks[i]
+        task = core.tasks[i]
         now = self._clock()
         wall = time.time()
         if outcome.started_at is None:
@@ -635,20 +896,16 @@ class RunLoop:
         """
         core = self.core
         i = attempt.index
-        compiled = core.compiled
-        task = compiled.tasks[i]
+        task = core.tasks[i]
         clock = self._clock
         started = clock()
         try:
-            injection = compiled.injections[i]
-            results = core.results
-            kwargs = {param: results[dep] for param, dep in injection.by_name}
-            for dep in injection.rest_as_kwargs:
-                kwargs[dep] = results[dep]
+            injection = core.injections[i]
+            kwargs = core.arguments(i)
             observer = self.hooks.observer
             if task.cache_key is not None and observer is not None:
                 key = attempt.cache_key = task.cache_key(**kwargs)
-                hit, cached_value = observer.cache_lookup(task.name, key)
+                hit, cached_value = observer.cache_lookup(core.names[i], key)
                 if hit:
                     return (cached_value, None, None, True, started, clock())
             if self._own_threads:
@@ -658,13 +915,13 @@ class RunLoop:
                 value = resolve_output(out, injection.kind, task.timeout)
                 return (value, None, None, False, started, clock())
             call = TaskCall(
-                task.name,
+                core.names[i],
                 task.func,
                 kwargs,
                 injection.wants_context,
                 injection.kind,
                 attempt.number,
-                compiled.levels[i],
+                core.levels[i],
                 task.timeout,
             )
             if self.executor.inline:
@@ -735,9 +992,9 @@ class RunLoop:
 
     def _context(self, i: int, attempt: Attempt) -> ExecutionContext:
         core = self.core
-        task = core.compiled.tasks[i]
+        task = core.tasks[i]
         hooks = self.hooks
-        name = task.name
+        name = core.groups[i]  # items share their task's batcher
 
         def batcher() -> Batcher:
             found = hooks.batchers.get(name)
@@ -746,12 +1003,12 @@ class RunLoop:
             return found
 
         return ExecutionContext(
-            task.name,
+            core.names[i],
             attempt=attempt.number,
             run_id=hooks.run_id,
-            criticality=LABELS[core.compiled.levels[i]],
+            criticality=LABELS[core.levels[i]],
             dependencies=task.dependency_names,
-            results=core.results,
+            results=core.inputs(i) if core.special[i] else core.results,
             batcher_factory=batcher,
             custom_metrics=core.outcomes[i].custom_metrics,
             cancelled=attempt.cancel_event(),

@@ -33,6 +33,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeopt import (
+    Missing,
     Pipeline,
     PipelineOptimizer,
     PipelineTask,
@@ -588,3 +589,43 @@ def test_sigint_is_ignored_by_process_workers_so_the_driver_decides(ledger: Path
         executor.cancel(future)
     finally:
         executor.shutdown(cancel=True)
+
+
+# -- mapping, trigger rules and parameters on every executor ---------------------
+
+
+def count_up(params: Any) -> list[int]:
+    """Return ``range(params["count"])`` as a list: the items to map over."""
+    return list(range(params["count"]))
+
+
+def square_or_fail(context: Any, ledger: str = "", count_up: int = 0) -> int:
+    """Square one mapped item; item 3 fails."""
+    _append(ledger, context.task)
+    if count_up == 3:
+        raise ValueError("item 3 is bad")
+    return count_up * count_up
+
+
+def collect(square: list[Any]) -> list[Any]:
+    """Keep the results, and say which items are missing (an ``all_done`` task)."""
+    return [f"missing {v.task} {v.state}" if isinstance(v, Missing) else v for v in square]
+
+
+def test_mapped_items_triggers_and_params(
+    make_executor: Callable[[], Executor], ledger: Path
+) -> None:
+    p = Pipeline("mapped", params={"count": 2})
+    p.add(PipelineTask("count_up", count_up))
+    p.add(
+        PipelineTask(
+            "square", functools.partial(square_or_fail, ledger=str(ledger)), map_over="count_up"
+        )
+    )
+    p.add(PipelineTask("collect", collect, dependencies=["square"], trigger="all_done"))
+    optimizer = PipelineOptimizer(max_workers=2, executor=make_executor())
+    result = optimizer.run(p, params={"count": 5})
+    assert result.status is RunStatus.FAILED
+    assert result.results["collect"] == [0, 1, 4, "missing square[3] failed", 16]
+    assert sorted(entries(ledger)) == [f"square[{k}]" for k in range(5)]
+    assert isinstance(result.tasks["square[3]"].error, ValueError)

@@ -38,6 +38,7 @@ import os
 import pickle
 import sqlite3
 import time
+from collections.abc import Container
 from typing import Any
 
 from pipeopt.errors import RunLockedError, RunStoreError
@@ -49,7 +50,7 @@ _log = logging.getLogger("pipeopt.store")
 
 
 def read_results(
-    reader: RunReader, conn: sqlite3.Connection, run_id: str, names: set[str]
+    reader: RunReader, conn: sqlite3.Connection, run_id: str, names: Container[str]
 ) -> dict[str, Any]:
     """Return the stored results of the tasks in ``names`` that succeeded (see above).
 

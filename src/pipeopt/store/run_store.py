@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -309,7 +309,7 @@ class RunStore:
             old = self._reader.structure(conn, row.fingerprint)
         return differences(old, compiled)
 
-    def load_results(self, run_id: str, *, names: set[str]) -> dict[str, Any]:
+    def load_results(self, run_id: str, *, names: Container[str]) -> dict[str, Any]:
         """Return the stored results of the tasks in ``names`` that succeeded.
 
         Looks in ``run_id`` and then in the runs it resumed from, newest
