@@ -19,6 +19,7 @@ from pipeopt._validate import check_float, check_int
 from pipeopt.errors import RunInterrupted, RunStoreError
 from pipeopt.executors.base import Executor
 from pipeopt.executors.registry import create_executor
+from pipeopt.logs import capture as log_capture
 from pipeopt.metrics import OptimizerMetrics
 from pipeopt.params import resolve_params
 from pipeopt.result import RunGraph, RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
@@ -291,10 +292,11 @@ class PipelineOptimizer:
                 does not match its default's.
         """
         values = resolve_params(pipeline.params, params)
-        if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
-            with _gc_tuning:
-                return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
-        return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+        with log_capture:
+            if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
+                with _gc_tuning:
+                    return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+            return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
 
     def _run(
         self,
@@ -363,6 +365,7 @@ class PipelineOptimizer:
             pipeline._running -= 1
             self.executor.shutdown(cancel=interrupted is not None)
         wall = time.perf_counter() - started
+        log_capture.handler.finish_run(core.outcomes)
         with loop.lock:
             status = _status(core, interrupted is not None or loop.interrupted)
             result = RunResult(

@@ -141,6 +141,7 @@ class TaskOutcome:
             "error_type": type(self.error).__name__ if self.error is not None else None,
             "error": str(self.error) if self.error is not None else None,
             "custom_metrics": dict(self.custom_metrics),
+            "logs": list(self.logs),
         }
 
 

@@ -70,6 +70,7 @@ from pipeopt.executors.base import (
     close_thread_loop,
     resolve_output,
 )
+from pipeopt.logs import current as current_task
 from pipeopt.params import RunParams
 from pipeopt.priority import LABELS, LeveledQueue
 from pipeopt.result import AttemptRecord, Missing, TaskOutcome, TaskState
@@ -899,6 +900,7 @@ class RunLoop:
         task = core.tasks[i]
         clock = self._clock
         started = clock()
+        token = current_task.set(core.outcomes[i])  # log records of the body are the task's
         try:
             injection = core.injections[i]
             kwargs = core.arguments(i)
@@ -942,6 +944,8 @@ class RunLoop:
                 error = TaskTimeoutError(task.name, task.timeout)
                 error.__cause__ = exc
             return (None, error, text, False, started, clock())
+        finally:
+            current_task.reset(token)
 
     def _record(self, attempt: Attempt, ran: _Ran) -> None:
         """Record how an attempt went (caller holds the lock); ignore abandoned ones."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import queue
@@ -172,7 +173,9 @@ class AsyncExecutor:
             self._inner[outer] = inner
             inner.add_done_callback(functools.partial(self._copy, outer))
             return outer
-        return pool.submit(lambda: self._run_sync(call, context, loop), outer)
+        # The body's thread sees the submitter's context variables (the task its logs go to).
+        submitted = contextvars.copy_context()
+        return pool.submit(lambda: submitted.run(self._run_sync, call, context, loop), outer)
 
     def _copy(self, outer: AttemptFuture, inner: Future[Any]) -> None:
         self._inner.pop(outer, None)
