@@ -110,7 +110,13 @@ def test_a_run_killed_mid_map_resumes_only_the_unfinished_items(tmp_path: Path) 
         assert crashed.status == "crashed"
         names = {f"process[{k}]" for k in range(40)}
         recorded = set(store.load_results(crashed.run_id, names=names))
+        shown = {t.name: t.state for t in store.show_run(crashed.run_id).tasks}
     assert recorded == {f"process[{k}]" for k in range(20)}
+    assert [n for n in shown if n.startswith("process")] == [
+        "process",
+        *(f"process[{k}]" for k in range(20)),
+    ]
+    assert {shown[f"process[{k}]"] for k in range(20)} == {"succeeded"}
 
     gate.touch()
     resumed = subprocess.run(

@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeopt.errors import RunStoreError
@@ -196,7 +196,7 @@ class RunReader:
                 finals.get(name),
                 cached_from.get(name),
             )
-            for i, name in enumerate(structure.names)
+            for i, name in _with_items(structure.names, history, finals)
         )
         return RunDetail(summary, row.fingerprint, row.host, row.pid, tasks)
 
@@ -238,6 +238,29 @@ class RunReader:
                 self.db.corrupt_text(f"final states cannot be read: {exc}")
             ) from None
         return {final.task: final for final in rows}
+
+
+def _with_items(names: list[str], *recorded: dict[str, Any]) -> Iterator[tuple[int, str]]:
+    """Yield ``(index, name)`` of each task, each mapped item after its task.
+
+    Items (``name[k]``) are not in the stored structure: they exist only in
+    the run's records. An item yields its task's index.
+    """
+    known = set(names)
+    items: dict[str, dict[int, str]] = {}
+    for found in recorded:
+        for name in found:
+            if name in known or name[-1:] != "]":
+                continue
+            base, _, number = name[:-1].partition("[")
+            if base in known and number.isdigit():
+                items.setdefault(base, {})[int(number)] = name
+    for i, name in enumerate(names):
+        yield i, name
+        mine = items.get(name)
+        if mine:
+            for k in sorted(mine):
+                yield i, mine[k]
 
 
 def task_summary(

@@ -356,7 +356,8 @@ class Writer:
             if code == R_NONE:
                 continue
             task = tasks[i]
-            if task in no_persist:
+            # A mapped item ("load[7]") is kept or not as its task is.
+            if task in no_persist or (task[-1:] == "]" and task.partition("[")[0] in no_persist):
                 codes[i] = R_NONE
                 recorder.hits.pop(task, None)
                 continue
