@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from pipeopt._validate import check_float, check_int
-from pipeopt.errors import RunInterrupted, RunStoreError
+from pipeopt.errors import ParameterError, RunInterrupted, RunStoreError
 from pipeopt.executors.base import Executor
 from pipeopt.executors.registry import create_executor
 from pipeopt.logs import capture as log_capture
@@ -231,17 +231,29 @@ class PipelineOptimizer:
         self.close()
 
     def resume(
-        self, pipeline: Pipeline, run_id: str | None = None, *, force: bool = False
+        self,
+        pipeline: Pipeline,
+        run_id: str | None = None,
+        *,
+        force: bool = False,
+        params: Mapping[str, Any] | None = None,
     ) -> RunResult:
         """Run again only what did not succeed in an earlier run of ``pipeline``.
 
+        The run's parameters are reused.
+
         Args:
             run_id: the run to resume; the last run of this pipeline by default.
-            force: go on even if the pipeline's structure changed since.
+            force: go on even if the pipeline's structure or a parameter
+                changed since.
+            params: parameter values to check against (or, with ``force``,
+                to replace) the run's.
 
         Raises:
             RunStoreError: no store, no such run, or the structure changed
                 (the message lists the differences) and ``force`` is false.
+            ParameterError: ``params`` changes a value of the run and
+                ``force`` is false, or names an undeclared parameter.
             RunLockedError: another live process is resuming the same run
                 (one resume of a run at a time; a dead one's lock is taken over).
         """
@@ -258,8 +270,26 @@ class PipelineOptimizer:
                     f"pipeline {pipeline.name!r} changed since run {previous}: {listed}; "
                     "use --force to resume anyway"
                 )
+            values = _resumed_params(pipeline, previous, store.summary(previous).params)
+            if params and not force:
+                changed = [
+                    f"{name!r} was {values[name]!r}, now {value!r}"
+                    for name, value in resolve_params(pipeline.params, params).items()
+                    if name in params and value != values[name]
+                ]
+                if changed:
+                    raise ParameterError(
+                        f"run {previous} ran with other parameters ({'; '.join(changed)}); "
+                        "resume it as it ran, or use --force to resume with the new values",
+                        next(iter(params)),
+                    )
             preloaded = store.load_results(previous, names=_ResumableNames(compiled))
-            return self.run(pipeline, _preloaded=preloaded, _resumed_from=previous)
+            return self.run(
+                pipeline,
+                params={**values, **(params or {})},
+                _preloaded=preloaded,
+                _resumed_from=previous,
+            )
 
     def run(
         self,
@@ -328,6 +358,7 @@ class PipelineOptimizer:
                 executor=self.executor.name,
                 workers=self.max_workers,
                 resumed_from=_resumed_from,
+                params=params,
             )
             if store is not None
             else None
@@ -529,6 +560,19 @@ def _run_graph(compiled: CompiledPipeline) -> RunGraph:
         groups=tuple(task_group(t) for t in tasks),
         descriptions=tuple(t.description for t in tasks),
     )
+
+
+def _resumed_params(pipeline: Pipeline, run_id: str, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the parameters a resumed run starts from: the run's, for names still declared."""
+    values = resolve_params(
+        pipeline.params, {k: v for k, v in stored.items() if k in pipeline.params}
+    )
+    dropped = sorted(set(stored) - set(pipeline.params))
+    if dropped:
+        _log.warning(
+            "run %s had parameters the pipeline no longer declares: %s", run_id, ", ".join(dropped)
+        )
+    return values
 
 
 class _ResumableNames:

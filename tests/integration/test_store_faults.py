@@ -210,14 +210,18 @@ def test_a_schema_1_store_is_read_as_is_and_upgraded_when_written(tmp_path: Path
         run_id = optimizer.run(pipeline()).run_id
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
         conn.execute("DROP TABLE run_locks")
+        conn.execute("DROP TABLE run_params")
+        conn.execute("DROP TABLE task_logs")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
     conn.close()
     with RunStore(tmp_path, read_only=True) as store:
         assert store.summary(run_id).succeeded == TASKS
+        assert store.summary(run_id).params == {}
+        assert all(t.logs == () for t in store.show_run(run_id).tasks)
     with RunStore(tmp_path) as store, store.lock_run(run_id):
         pass
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
     conn.close()
 
 

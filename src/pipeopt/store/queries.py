@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pipeopt.errors import RunStoreError
@@ -150,7 +150,36 @@ class RunReader:
             workers=row.workers,
             resumed_from=row.resumed_from,
             source=row.source,
+            params=self.params(conn, row.id),
         )
+
+    def params(self, conn: sqlite3.Connection, key: int) -> dict[str, Any]:
+        """Return the parameters a run was started with (empty if none or unreadable)."""
+        try:
+            found = conn.execute("SELECT params FROM run_params WHERE run = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # a store of schema 2, opened read-only
+            return {}
+        if found is None:
+            return {}
+        try:
+            values = pickle.loads(found[0])
+        except Exception as exc:
+            raise RunStoreError(self.db.corrupt_text(f"parameters unreadable: {exc}")) from None
+        return dict(values)
+
+    def logs(self, conn: sqlite3.Connection, key: int) -> dict[str, list[str]]:
+        """Return the captured log lines of a run's tasks, by task name."""
+        try:
+            rows = conn.execute("SELECT payload FROM task_logs WHERE run = ?", (key,)).fetchall()
+        except sqlite3.OperationalError:  # a store of schema 2, opened read-only
+            return {}
+        found: dict[str, list[str]] = {}
+        for (payload,) in rows:
+            try:
+                found.update(pickle.loads(payload))
+            except Exception as exc:
+                raise RunStoreError(self.db.corrupt_text(f"task logs unreadable: {exc}")) from None
+        return found
 
     def list_runs(self, conn: sqlite3.Connection, limit: int) -> list[RunSummary]:
         """Return the newest ``limit`` runs, newest first."""
@@ -188,6 +217,7 @@ class RunReader:
             for ref in batch.refs:
                 if ref.run != row.id:
                     cached_from[batch.tasks[ref.event]] = origins.get(ref.run, f"#{ref.run}")
+        logs = self.logs(conn, row.id)
         tasks = tuple(
             task_summary(
                 name,
@@ -195,6 +225,8 @@ class RunReader:
                 history.get(name, []),
                 finals.get(name),
                 cached_from.get(name),
+                declared=LABELS[int(structure.criticality[i])],
+                logs=logs.get(name, ()),
             )
             for i, name in _with_items(structure.names, history, finals)
         )
@@ -269,6 +301,9 @@ def task_summary(
     history: list[AttemptSummary],
     final: FinalRow | None,
     cached_from: str | None,
+    *,
+    declared: str | None = None,
+    logs: Iterable[str] = (),
 ) -> TaskSummary:
     """Return what a run recorded about one task, from its attempts and final row."""
     ran = [a for a in history if a.number > 0 and a.state != "cached"]
@@ -303,4 +338,6 @@ def task_summary(
         traceback=text,
         note=note,
         history=tuple(history),
+        declared_criticality=declared,
+        logs=tuple(logs),
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from pipeopt.result import AttemptRecord, TaskState
@@ -64,6 +64,7 @@ class RunSummary:
     workers: int
     resumed_from: str | None
     source: str | None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,9 @@ class TaskSummary:
     ``state`` is a :class:`~pipeopt.result.TaskState` value (``"pending"``
     for a task the run never reached); ``attempts`` counts the attempts that
     ran its body; ``note`` says where the result came from when the task did
-    not run (``"resumed"``, ``"cached from run …"``).
+    not run (``"resumed"``, ``"cached from run …"``). ``criticality`` is
+    the effective label, ``declared_criticality`` the one written on the
+    task; ``logs`` are the records its attempts logged (bounded).
     """
 
     name: str
@@ -100,6 +103,8 @@ class TaskSummary:
     traceback: str | None
     note: str | None
     history: tuple[AttemptSummary, ...]
+    declared_criticality: str | None = None
+    logs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from pipeopt.store.connection import Database, SharedConnection
 from pipeopt.store.liveness import HOST, process_start
 from pipeopt.store.queries import RunReader
 from pipeopt.store.recorder import Recorder
-from pipeopt.store.records import RunDetail, RunSummary
+from pipeopt.store.records import PICKLE_PROTOCOL, RunDetail, RunSummary
 from pipeopt.store.resume import acquire_lock, cached_result, read_results, release_lock
 from pipeopt.store.structure import StructureEncoder, differences
 from pipeopt.store.writer import End, Flush, Writer
@@ -110,6 +111,7 @@ class RunStore:
         executor: str,
         workers: int,
         resumed_from: str | None,
+        params: Mapping[str, Any] | None = None,
     ) -> RunObserver:
         """Record the start of a run and return the observer that records its attempts.
 
@@ -150,8 +152,13 @@ class RunStore:
                         f"run id {run_id!r} is already recorded in {self.path}; "
                         "leave run_id unset for a fresh one"
                     ) from None
-            key = cursor.lastrowid
-            assert key is not None
+                key = cursor.lastrowid
+                assert key is not None
+                if params:
+                    conn.execute(
+                        "INSERT INTO run_params (run, params) VALUES (?, ?)",
+                        (key, pickle.dumps(dict(params), protocol=PICKLE_PROTOCOL)),
+                    )
             if self._writer is None:
                 self._writer = Writer(
                     self._connect_writer,

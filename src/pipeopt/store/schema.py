@@ -16,15 +16,20 @@ One file, ``<state_dir>/runs.sqlite``, in WAL mode with ``synchronous=NORMAL``:
 ``cache``       the results of tasks with a ``cache_key``, indexed by
                 pipeline, task and key;
 ``run_locks``   (schema 2) the process resuming a run: host, pid and start
-                time, so that a second resume of the same run refuses.
+                time, so that a second resume of the same run refuses;
+``run_params``  (schema 3) per run, its parameters (pickled), which resume
+                reuses;
+``task_logs``   (schema 3) per run, the captured log records of the tasks
+                that logged (a pickled dict of task name to lines).
 
 Attempts go in batches rather than a row each because a row costs about as
 much as scheduling a task: batches keep the store within 2 µs per task
 (``benchmarks/store_overhead.py``).
 
-Versions: 1 had no ``run_locks``; opening it for writing adds the table. A
-store of a newer version is refused, because an older pipeopt would not
-honour what it added (schema 2: the locks).
+Versions: 1 had no ``run_locks``, 2 no ``run_params`` and ``task_logs``;
+opening an older store for writing adds the tables. A store of a newer
+version is refused, because an older pipeopt would not honour what it added
+(schema 2: the locks; schema 3: the parameters resume must reuse).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -85,6 +90,15 @@ CREATE TABLE IF NOT EXISTS cache (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cache_by_key ON cache (pipeline, task, cache_key);
+CREATE TABLE IF NOT EXISTS run_params (
+    run INTEGER PRIMARY KEY,
+    params BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS task_logs (
+    run INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_logs_by_run ON task_logs (run);
 CREATE TABLE IF NOT EXISTS run_locks (
     run_id TEXT PRIMARY KEY,
     host TEXT NOT NULL,

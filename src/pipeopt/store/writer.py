@@ -130,6 +130,13 @@ class End:
         key = self.recorder.key
         payload = self.payload()
         if finals:
+            logs = {o.name: o.logs for o in result.tasks.values() if o.logs}
+            conn.execute("DELETE FROM task_logs WHERE run = ?", (key,))
+            if logs:
+                conn.execute(
+                    "INSERT INTO task_logs (run, payload) VALUES (?, ?)",
+                    (key, pickle.dumps(logs, protocol=PICKLE_PROTOCOL)),
+                )
             conn.execute("DELETE FROM finals WHERE run = ?", (key,))  # a retried commit
             conn.execute("INSERT INTO finals (run, payload) VALUES (?, ?)", (key, payload))
         conn.execute(
