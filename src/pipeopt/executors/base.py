@@ -14,6 +14,7 @@ it to the executor:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import threading
 from collections.abc import Callable
@@ -72,9 +73,12 @@ def _run_coroutine(awaitable: Any, timeout: float | None) -> Any:
     if runner is None:
         runner = asyncio.Runner()
         _loops.runner = runner
+    # The runner would otherwise run every coroutine in the context of its first
+    # one: the caller's context says which task the body's log records belong to.
+    context = contextvars.copy_context()
     if timeout is not None:
-        return runner.run(asyncio.wait_for(awaitable, timeout))
-    return runner.run(awaitable)
+        return runner.run(asyncio.wait_for(awaitable, timeout), context=context)
+    return runner.run(awaitable, context=context)
 
 
 def close_thread_loop() -> None:
