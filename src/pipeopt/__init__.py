@@ -28,7 +28,9 @@ from pipeopt.errors import (
     BenchmarkError,
     CircuitOpenError,
     CycleError,
+    DeadLetterBudgetError,
     DuplicateTaskError,
+    LoadConflictError,
     MappedItemsFailedError,
     MapSourceError,
     NotCallableError,
@@ -55,6 +57,7 @@ from pipeopt.errors import (
     UsageError,
     WorkerCrashedError,
     WriteAbortedError,
+    WriteCancelledError,
 )
 from pipeopt.graph import Pipeline, PipelineTask
 from pipeopt.optimizer import PipelineOptimizer
@@ -84,9 +87,11 @@ __all__ = [
     "CircuitOpenError",
     "Criticality",
     "CycleError",
+    "DeadLetterBudgetError",
     "DuplicateTaskError",
     "ExecutionContext",
     "FixedBatcher",
+    "LoadConflictError",
     "MapSourceError",
     "MappedItemsFailedError",
     "Missing",
@@ -125,6 +130,7 @@ __all__ = [
     "UsageError",
     "WorkerCrashedError",
     "WriteAbortedError",
+    "WriteCancelledError",
     "read_csv_chunks",
     "read_parquet_chunks",
     "retry_with_backoff",

@@ -4,14 +4,15 @@ A task asks for it with a parameter named ``context``. It gives the task its
 upstream results, which attempt this is, a logger that names the task and
 attempt, a cancellation flag, custom metrics, and the batching loop:
 ``plan_batch(pending)`` asks the task's batcher for the next batch size and
-``record_batch(size, latency)`` feeds the measured latency back.
+``record_batch(size, latency)`` feeds the measured latency back, and
+``write_batches(rows, sink)`` runs that loop into a sink, exactly once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pipeopt._validate import check_float, check_int
@@ -36,6 +37,9 @@ class ExecutionContext:
         task: the task's name.
         attempt: which attempt this is, 1 for the first try.
         run_id: the id of the run.
+        lineage_id: the id of the run this one resumes, first of the chain
+            (``pipeopt resume`` of a resume keeps the original's id); the
+            run's own id when it resumes nothing.
         criticality: the task's effective criticality label.
     """
 
@@ -46,10 +50,12 @@ class ExecutionContext:
         "_cancelled",
         "_custom",
         "_dependencies",
+        "_loads",
         "_logger",
         "_results",
         "attempt",
         "criticality",
+        "lineage_id",
         "run_id",
         "task",
     )
@@ -60,6 +66,7 @@ class ExecutionContext:
         *,
         attempt: int = 1,
         run_id: str = "",
+        lineage_id: str | None = None,
         criticality: str = "medium",
         dependencies: tuple[str, ...] = (),
         results: Mapping[str, Any] | None = None,
@@ -72,6 +79,7 @@ class ExecutionContext:
         self.task = task
         self.attempt = attempt
         self.run_id = run_id
+        self.lineage_id = lineage_id or run_id
         self.criticality = criticality
         self._dependencies = dependencies
         self._results: Mapping[str, Any] = results if results is not None else {}
@@ -81,6 +89,7 @@ class ExecutionContext:
         self._cancelled = cancelled if cancelled is not None else threading.Event()
         self._batch_observer = batch_observer
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+        self._loads: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"ExecutionContext(task={self.task!r}, attempt={self.attempt})"
@@ -144,21 +153,74 @@ class ExecutionContext:
         if self._batch_observer is not None:
             self._batch_observer(self.task, size, latency)
 
-    def write_batches(self, rows: Iterable[Any], sink: Sink) -> WriteReport:
-        """Write ``rows`` to ``sink`` in batches sized by this task's batcher.
+    def load_key(self, sink: Sink) -> str | None:
+        """Return the default load key of this attempt's next load into ``sink``.
 
-        Failing batches are split to isolate bad rows, which go to the sink's
-        dead-letter table; every other row is written once.
+        ``<lineage_id>/<task>/<table>#<n>``, where ``n`` counts this
+        attempt's loads into that table (1 for the first), so that a body
+        writing chunk after chunk gets one key per chunk, the same ones in
+        every attempt and every resume of the run. ``None`` outside a run.
         """
-        from pipeopt.sinks import write_batches
+        if not self.lineage_id:
+            return None
+        table = str(getattr(sink, "table", type(sink).__name__))
+        return f"{self.lineage_id}/{self.task}/{table}#{self._loads.get(table, 0) + 1}"
+
+    def write_batches(
+        self,
+        rows: Any,
+        sink: Sink,
+        *,
+        load_id: str | None = None,
+        max_dead_letters: int | float | None = 0.1,
+    ) -> WriteReport:
+        """Write ``rows`` to ``sink`` exactly once, in batches sized by this task's batcher.
+
+        The load keeps a ledger in the target database, keyed by ``load_id``
+        or by default by :meth:`load_key` (the run's lineage and the task):
+        a retry of this task, or ``pipeopt resume`` of the run, goes on after
+        the last committed batch; ``load_id="orders-2024-06-01"`` makes reruns
+        of the same data skip what is loaded. The rows must come in the same
+        order each time. Cancellation (a timeout, Ctrl-C) is checked before
+        every write. Refused rows go to the sink's dead-letter table with
+        the run, task, attempt and their input position. See
+        :func:`pipeopt.sinks.write_batches` for accepted inputs and errors.
+
+        The counts land in the task's custom metrics: ``rows_written``,
+        ``rows_dead_lettered`` and ``rows_skipped`` (already loaded by an
+        earlier attempt or run), summed over its loads and attempts.
+        """
+        from pipeopt.sinks import LoadOrigin, WriteAbortedError, WriteCancelledError, write_batches
 
         def observe(size: int, latency: float) -> None:
             if self._batch_observer is not None:
                 self._batch_observer(self.task, size, latency)
 
-        report = write_batches(rows, sink, self._get_batcher(), on_batch=observe)
-        self._custom["rows_written"] = self._custom.get("rows_written", 0.0) + report.rows_written
-        self._custom["rows_dead_lettered"] = (
-            self._custom.get("rows_dead_lettered", 0.0) + report.rows_dead_lettered
-        )
+        key = self.load_key(sink) if load_id is None else None
+        table = str(getattr(sink, "table", type(sink).__name__))
+        self._loads[table] = self._loads.get(table, 0) + 1
+        try:
+            report = write_batches(
+                rows,
+                sink,
+                self._get_batcher(),
+                on_batch=observe,
+                load_id=load_id,
+                load_key=key,
+                max_dead_letters=max_dead_letters,
+                cancelled=self._cancelled.is_set,
+                origin=LoadOrigin(self.run_id, self.task, self.attempt),
+            )
+        except (WriteAbortedError, WriteCancelledError) as exc:
+            self._count(exc.report)
+            raise
+        self._count(report)
         return report
+
+    def _count(self, report: WriteReport) -> None:
+        for name, value in (
+            ("rows_written", report.rows_written),
+            ("rows_dead_lettered", report.rows_dead_lettered),
+            ("rows_skipped", report.rows_skipped),
+        ):
+            self._custom[name] = self._custom.get(name, 0.0) + value

@@ -28,7 +28,10 @@ either::
     ├── RetryError(RuntimeError)            .last_exception, .attempts
     ├── CircuitOpenError(RuntimeError)      .breaker, .retry_after
     ├── SinkError(RuntimeError)             a sink that cannot be opened or written
-    │   └── WriteAbortedError               .report: what was written before the sink failed
+    │   ├── WriteAbortedError               .report: what was written before the sink failed
+    │   │   └── DeadLetterBudgetError(ValueError) .dead_letters, .rows_seen, .limit
+    │   └── LoadConflictError               .key, .expected, .found: the ledger moved
+    ├── WriteCancelledError(CancelledError, RuntimeError) .report: a load stopped by cancellation
     ├── RunStoreError(RuntimeError)         a run store that is missing, locked or corrupt
     │   └── RunLockedError                  .run_id, .host, .pid: another process resumes the run
     ├── BenchmarkError(RuntimeError)        a benchmark pipeline that did not succeed
@@ -361,6 +364,65 @@ class WriteAbortedError(SinkError):
         super().__init__(
             f"{message} ({report.rows_written} rows written and "
             f"{report.rows_dead_lettered} dead-lettered before it)"
+        )
+
+
+class DeadLetterBudgetError(WriteAbortedError, ValueError):
+    """More rows were refused than ``max_dead_letters`` allows; the load stopped.
+
+    Attributes:
+        report: what was written and dead-lettered before the load stopped.
+        dead_letters: rows refused in the whole load when it stopped.
+        rows_seen: input rows the load had handled.
+        limit: the ``max_dead_letters`` in force.
+    """
+
+    def __init__(
+        self, message: str, report: WriteReport, dead_letters: int, rows_seen: int, limit: float
+    ) -> None:
+        self.dead_letters = dead_letters
+        self.rows_seen = rows_seen
+        self.limit = limit
+        super().__init__(message, report)
+
+
+class LoadConflictError(SinkError):
+    """Another writer moved a load's ledger first; nothing of this write was committed.
+
+    :func:`~pipeopt.sinks.write_batches` handles it by going on from where
+    the ledger stands, so two attempts of one load never write a row twice.
+
+    Attributes:
+        key: the load key.
+        expected: the input rows the writer believed consumed.
+        found: the input rows the ledger shows (``None``: no ledger row).
+    """
+
+    def __init__(self, key: str, expected: int, found: int | None) -> None:
+        self.key = key
+        self.expected = expected
+        self.found = found
+        super().__init__(
+            f"load {key!r}: the ledger shows {found} input rows consumed, expected {expected}; "
+            "another attempt of this load wrote meanwhile"
+        )
+
+
+class WriteCancelledError(PipeoptError, concurrent.futures.CancelledError, RuntimeError):
+    """The attempt was cancelled (timed out, interrupted) while it loaded; it wrote no more.
+
+    A cancellation, so retry policies never repeat it and breakers never count it.
+
+    Attributes:
+        report: what was written before; the ledger holds the same, so the
+            next attempt goes on from there.
+    """
+
+    def __init__(self, report: WriteReport) -> None:
+        self.report = report
+        super().__init__(
+            f"the load was cancelled after {report.rows_written} rows written and "
+            f"{report.rows_dead_lettered} dead-lettered; a retry or resume goes on from there"
         )
 
 

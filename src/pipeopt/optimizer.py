@@ -291,6 +291,18 @@ class PipelineOptimizer:
                 _resumed_from=previous,
             )
 
+    def _lineage(self, resumed_from: str | None) -> str | None:
+        """Return the first run of the resume chain that ends in ``resumed_from``."""
+        store = self.store
+        if resumed_from is None or store is None:
+            return resumed_from
+        seen = {resumed_from}
+        lineage = resumed_from
+        while (parent := store.summary(lineage).resumed_from) is not None and parent not in seen:
+            seen.add(parent)
+            lineage = parent
+        return lineage
+
     def run(
         self,
         pipeline: Pipeline,
@@ -370,6 +382,7 @@ class PipelineOptimizer:
             batcher_factory=self._make_batcher,
             batch_observer=self.metrics.observe_batch,
             observer=observer,
+            lineage_id=self._lineage(_resumed_from),
         )
         loop = RunLoop(
             core, self.executor, self.max_workers, hooks, interrupt_grace=self.interrupt_grace

@@ -651,6 +651,7 @@ class RunHooks:
     batcher_factory: Callable[[str], Batcher]
     batch_observer: Callable[[str, int, float], None] | None = None
     observer: RunObserver | None = None
+    lineage_id: str | None = None
 
 
 class RunLoop:
@@ -1010,6 +1011,7 @@ class RunLoop:
             core.names[i],
             attempt=attempt.number,
             run_id=hooks.run_id,
+            lineage_id=hooks.lineage_id,
             criticality=LABELS[core.levels[i]],
             dependencies=task.dependency_names,
             results=core.inputs(i) if core.special[i] else core.results,

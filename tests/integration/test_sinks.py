@@ -21,11 +21,16 @@ from pipeopt.batching import AdaptiveBatcher, BatcherStatistics, FixedBatcher
 from pipeopt.errors import SinkError
 from pipeopt.sinks import (
     DeadLetter,
+    DeadLetterBudgetError,
+    LoadOrigin,
+    LoadProgress,
+    LoadStep,
     PostgresSink,
     Row,
     Sink,
     SQLiteSink,
     WriteAbortedError,
+    WriteCancelledError,
     WriteReport,
     write_batches,
 )
@@ -137,15 +142,28 @@ def test_sqlite_isolates_seven_poison_rows_in_ten_thousand(sqlite_path: Path) ->
 def test_sqlite_dead_letters_keep_the_row_as_json(sqlite_path: Path) -> None:
     rows = [{"id": 1, "name": "fine", "qty": 1, "note": None, "extra": "ignored"}]
     rows.append({"id": 2, "name": "bad", "qty": -3, "note": "ünïcode"})
+    origin = LoadOrigin("run-1", "load_items", 2)
     with SQLiteSink(sqlite_path, "items") as sink:
-        report = write_batches(rows, sink, FixedBatcher(10))
+        report = write_batches(
+            rows, sink, FixedBatcher(10), load_id="k1", origin=origin, max_dead_letters=None
+        )
     assert (report.rows_written, report.rows_dead_lettered) == (1, 1)
-    [(failed_at, error, raw)] = sqlite_rows(
-        sqlite_path, "SELECT failed_at, error, row_json FROM items_dead_letter"
+    [(failed_at, error, raw, run_id, task, attempt, key, position, error_class)] = sqlite_rows(
+        sqlite_path,
+        "SELECT failed_at, error, row_json, run_id, task, attempt, load_key, position, "
+        "error_class FROM items_dead_letter",
     )
     assert error.startswith("IntegrityError: CHECK constraint failed")
     assert json.loads(raw) == {"id": 2, "name": "bad", "qty": -3, "note": "ünïcode"}
     assert failed_at.endswith("+00:00")
+    assert (run_id, task, attempt, key, position, error_class) == (
+        "run-1",
+        "load_items",
+        2,
+        "k1",
+        1,
+        "IntegrityError",
+    )
 
 
 def test_sqlite_upsert_never_duplicates(tmp_path: Path) -> None:
@@ -210,6 +228,51 @@ def test_sqlite_refuses_bad_setups(tmp_path: Path, sqlite_path: Path) -> None:
         sink.write([{"a": 1}])
 
 
+def test_sqlite_an_old_dead_letter_table_is_upgraded_in_place(sqlite_path: Path) -> None:
+    with sqlite3.connect(sqlite_path) as conn:
+        conn.execute(
+            "CREATE TABLE items_dead_letter (id INTEGER PRIMARY KEY, failed_at TEXT NOT NULL, "
+            "error TEXT NOT NULL, row_json TEXT NOT NULL)"
+        )
+        conn.execute("INSERT INTO items_dead_letter VALUES (1, 'then', 'old', '{}')")
+    conn.close()
+    rows = [good_row(1), (2, "bad", -1, None)]
+    with SQLiteSink(sqlite_path, "items") as sink:
+        write_batches(rows, sink, FixedBatcher(10), load_id="k", max_dead_letters=1)
+    letters = sqlite_rows(
+        sqlite_path, "SELECT error, load_key, position FROM items_dead_letter ORDER BY id"
+    )
+    assert letters[0] == ("old", None, None)
+    assert letters[1][1:] == ("k", 1)
+
+
+def test_a_foreign_dead_letter_table_is_refused_before_anything_is_written(
+    sqlite_path: Path,
+) -> None:
+    with sqlite3.connect(sqlite_path) as conn:
+        conn.execute("CREATE TABLE items_dead_letter (sku TEXT, reason TEXT)")
+    conn.close()
+    with (
+        SQLiteSink(sqlite_path, "items") as sink,
+        pytest.raises(WriteAbortedError, match=r"lacks failed_at, error, row_json.*rename or drop"),
+    ):
+        write_batches([good_row(1)], sink, FixedBatcher(10))
+    assert sqlite_rows(sqlite_path, "SELECT count(*) FROM items") == [(0,)]
+
+
+def test_sqlite_busy_timeout_stops_a_load_on_a_locked_database(sqlite_path: Path) -> None:
+    sink = SQLiteSink(sqlite_path, "items", busy_timeout=0.05)
+    other = sqlite3.connect(sqlite_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    try:
+        with sink, pytest.raises(WriteAbortedError, match="database is locked"):
+            write_batches([good_row(1)], sink, FixedBatcher(10))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert sqlite_rows(sqlite_path, "SELECT count(*) FROM items") == [(0,)]
+
+
 def test_sqlite_a_vanished_table_aborts_without_dead_letters(sqlite_path: Path) -> None:
     def rows() -> Iterator[tuple[Any, ...]]:
         for i in range(2000):
@@ -257,12 +320,15 @@ def pg_rows(dsn: str, sql: str) -> list[Any]:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("method", ["copy", "executemany"])
+@pytest.mark.parametrize(
+    ("method", "upsert"), [("copy", False), ("executemany", False), ("copy", True)]
+)
 def test_postgres_isolates_seven_poison_rows_in_ten_thousand(
-    postgres_dsn: str, pg_schema: str, method: Any
+    postgres_dsn: str, pg_schema: str, method: Any, upsert: bool
 ) -> None:
     table = f"{pg_schema}.items"
-    with PostgresSink(postgres_dsn, table, method=method) as sink:
+    keys = ["id"] if upsert else None
+    with PostgresSink(postgres_dsn, table, method=method, upsert_keys=keys) as sink:
         assert sink.method == method
         report = write_batches(poisoned_rows(), sink, AdaptiveBatcher(0.05, min_size=10))
     ids = [row[0] for row in pg_rows(postgres_dsn, f"SELECT id FROM {table}")]
@@ -286,17 +352,20 @@ def test_postgres_upsert_never_duplicates(postgres_dsn: str, pg_schema: str) -> 
     first = [good_row(i) for i in range(400)]
     again = [(i, f"renamed {i}", 1, None) for i in range(200, 600)]
     with PostgresSink(postgres_dsn, table, upsert_keys=["id"]) as sink:
-        assert sink.method == "executemany"
+        assert sink.method == "copy"  # through the staging table
         write_batches(first, sink, FixedBatcher(64))
         write_batches(again, sink, FixedBatcher(100))
         write_batches(again, sink, FixedBatcher(37))  # the same rows, sent again
+        # One batch that repeats a key: its last row wins, as with executemany.
+        write_batches([(7, "first", 1, None), (7, "last", 2, None)], sink, FixedBatcher(10))
+    with PostgresSink(postgres_dsn, table, upsert_keys=["id"], method="executemany") as sink:
+        write_batches([(8, "by executemany", 1, None)], sink, FixedBatcher(10))
     rows = dict(pg_rows(postgres_dsn, f"SELECT id, name FROM {table}"))
     assert len(rows) == 600
     assert rows[199] == "item 199"
     assert rows[200] == "renamed 200"
     assert rows[599] == "renamed 599"
-    with pytest.raises(ValueError, match="COPY cannot upsert"):
-        PostgresSink(postgres_dsn, table, upsert_keys=["id"], method="copy")
+    assert (rows[7], rows[8]) == ("last", "by executemany")
 
 
 @pytest.mark.postgres
@@ -346,6 +415,57 @@ def test_postgres_a_lost_connection_aborts_without_dead_letters(
     assert found == [(None,)]
 
 
+@pytest.mark.postgres
+def test_postgres_lock_timeout_stops_a_load_on_a_locked_table(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    import psycopg
+
+    table = f"{pg_schema}.items"
+    with psycopg.connect(postgres_dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")  # held until the end
+        with (
+            PostgresSink(postgres_dsn, table, lock_timeout=0.1, statement_timeout=5) as sink,
+            pytest.raises(WriteAbortedError, match="lock timeout") as info,
+        ):
+            write_batches([good_row(1)], sink, FixedBatcher(10))
+        assert isinstance(info.value.__cause__, psycopg.errors.LockNotAvailable)
+        holder.rollback()
+    assert pg_rows(postgres_dsn, f"SELECT count(*) FROM {table}") == [(0,)]
+    with pytest.raises(ValueError, match="statement_timeout must be > 0"):
+        PostgresSink(postgres_dsn, table, statement_timeout=0)
+
+
+@pytest.mark.postgres
+def test_postgres_an_old_dead_letter_table_is_upgraded_in_place(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    import psycopg
+
+    table = f"{pg_schema}.items"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE {table}_dead_letter (id bigint GENERATED ALWAYS AS IDENTITY "
+            "PRIMARY KEY, failed_at timestamptz NOT NULL, error text NOT NULL, "
+            "row_json jsonb NOT NULL)"
+        )
+        conn.execute(
+            f"INSERT INTO {table}_dead_letter (failed_at, error, row_json) "
+            "VALUES (now(), 'old', '{}')"
+        )
+    origin = LoadOrigin("run-9", "load", 1)
+    with PostgresSink(postgres_dsn, table) as sink:
+        rows = [good_row(1), (2, "bad", -1, None)]
+        write_batches(rows, sink, FixedBatcher(10), load_id="k", origin=origin, max_dead_letters=1)
+    letters = pg_rows(
+        postgres_dsn,
+        f"SELECT error, run_id, load_key, position, error_class FROM {table}_dead_letter "
+        "ORDER BY id",
+    )
+    assert letters[0] == ("old", None, None, None, None)
+    assert letters[1][1:] == ("run-9", "k", 1, "CheckViolation")
+
+
 def test_missing_psycopg_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(ImportError, match=r"pip install 'pipeopt\[postgres\]'"):
@@ -362,29 +482,48 @@ def test_postgres_unreachable_is_a_sink_error() -> None:
 
 
 class MemorySink:
-    """A sink in a list: refuses rows marked bad; can break like a lost connection."""
+    """A sink in a list with a ledger: refuses rows marked bad; can break like a lost connection."""
 
     def __init__(self, *, broken_after: int | None = None, blame_rows: bool = False) -> None:
         self.rows: list[Row] = []
         self.dead: list[DeadLetter] = []
+        self.ledger: dict[str, int] = {}
         self.broken_after = broken_after
         self.blame_rows = blame_rows  # call every error a row error (a sink that misjudges)
         self.writes = 0
+        self.before_write: list[Any] = []  # callables run before each write (a second writer)
 
-    def write(self, rows: Sequence[Row]) -> None:
-        self.writes += 1
+    @property
+    def columns(self) -> tuple[str, ...] | None:
+        return None
+
+    def begin_load(self, key: str | None, origin: LoadOrigin) -> LoadProgress:
+        if key is None:
+            return LoadProgress("")
+        return LoadProgress(key, self.ledger.setdefault(key, 0))
+
+    def write(self, rows: Sequence[Row], step: LoadStep | None = None) -> None:
+        for hook in self.before_write:
+            hook(self)
+        if rows:
+            self.writes += 1
         if self.broken_after is not None and len(self.rows) >= self.broken_after:
             raise ConnectionError("server closed the connection")
         for row in rows:
             if isinstance(row, dict) and row.get("bad"):
                 raise ValueError(f"row {row['id']} is bad")
+        if step is not None and step.key is not None:
+            if self.ledger[step.key] != step.before:
+                from pipeopt.errors import LoadConflictError
+
+                raise LoadConflictError(step.key, step.before, self.ledger[step.key])
+            self.ledger[step.key] = step.after
         self.rows.extend(rows)
+        if step is not None:
+            self.dead.extend(step.dead_letters)
 
     def is_row_error(self, exc: Exception) -> bool:
         return self.blame_rows or isinstance(exc, ValueError)
-
-    def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-        self.dead.extend(letters)
 
     def close(self) -> None:
         pass
@@ -493,17 +632,108 @@ def test_a_sink_that_refuses_everything_gives_up_after_bounded_levels() -> None:
 
 def test_a_small_all_bad_batch_is_dead_lettered_row_by_row() -> None:
     sink = MemorySink()
-    report = write_batches([{"id": i, "bad": True} for i in range(5)], sink, FixedBatcher(5))
+    rows = [{"id": i, "bad": True} for i in range(5)]
+    report = write_batches(rows, sink, FixedBatcher(5), max_dead_letters=None)
     assert report.rows_dead_lettered == 5
+    assert [letter.position for letter in sink.dead] == [0, 1, 2, 3, 4]
     assert sink.rows == []
+    with pytest.raises(DeadLetterBudgetError, match=r"5 of 5 input rows \(100.0%\) were refused"):
+        write_batches(rows, MemorySink(), FixedBatcher(5))  # the default fails such a load
+
+
+def test_the_dead_letter_budget_as_a_count_and_a_fraction() -> None:
+    rows = [{"id": i, "bad": i % 100 == 7} for i in range(1000)]  # 10 bad rows
+    write_batches(rows, MemorySink(), FixedBatcher(100), max_dead_letters=10)
+    sink = MemorySink()
+    with pytest.raises(DeadLetterBudgetError, match="over max_dead_letters=9") as info:
+        write_batches(rows, sink, FixedBatcher(100), max_dead_letters=9)
+    assert (info.value.dead_letters, info.value.rows_seen) == (10, 908)
+    assert len(sink.dead) == 9  # the tenth was not committed
+    with pytest.raises(DeadLetterBudgetError, match=r"over max_dead_letters=0\.005"):
+        write_batches(rows, MemorySink(), FixedBatcher(100), max_dead_letters=0.005)
+    write_batches(rows, MemorySink(), FixedBatcher(100), max_dead_letters=0.02)
+    for bad in (-1, 1.5, "10", True):
+        with pytest.raises((TypeError, ValueError), match="max_dead_letters"):
+            write_batches(rows, MemorySink(), FixedBatcher(100), max_dead_letters=bad)  # type: ignore[arg-type]
+
+
+def test_dead_letters_commit_with_the_next_rows_and_the_ledger_stays_a_prefix() -> None:
+    sink = MemorySink()
+    rows = [{"id": i, "bad": i in (3, 4, 9)} for i in range(10)]
+    write_batches(rows, sink, FixedBatcher(10), load_id="k", max_dead_letters=None)
+    assert [r["id"] for r in sink.rows] == [0, 1, 2, 5, 6, 7, 8]  # type: ignore[call-overload]
+    assert [letter.position for letter in sink.dead] == [3, 4, 9]
+    assert sink.ledger == {"k": 10}
+
+
+def test_cancellation_is_checked_before_every_batch_and_every_part() -> None:
+    sink = MemorySink()
+
+    def cancelled() -> bool:
+        return len(sink.rows) >= 250
+
+    rows = [{"id": i, "bad": i == 260} for i in range(1000)]
+    with pytest.raises(WriteCancelledError, match="cancelled after 250 rows written") as info:
+        write_batches(rows, sink, FixedBatcher(50), load_id="c", cancelled=cancelled)
+    assert len(sink.rows) == 250
+    assert info.value.report.rows_written == 250
+    assert sink.ledger == {"c": 250}
+    # Cancelled in the middle of splitting a refused batch: no part is written after it.
+    sink = MemorySink()
+    parts: list[int] = []
+    sink.before_write.append(lambda s: parts.append(len(s.rows)))
+
+    def mid_split() -> bool:
+        return len(parts) >= 3
+
+    with pytest.raises(WriteCancelledError):
+        write_batches(rows[250:], sink, FixedBatcher(50), cancelled=mid_split)
+    assert len(parts) == 3
+
+
+def test_a_retry_goes_on_after_the_last_committed_batch() -> None:
+    sink = MemorySink()
+
+    def failing() -> Iterator[dict[str, Any]]:
+        for i in range(1000):
+            if i == 640:
+                raise RuntimeError("source failed")
+            yield {"id": i}
+
+    with pytest.raises(RuntimeError):
+        write_batches(failing(), sink, FixedBatcher(100), load_id="r")
+    assert sink.ledger == {"r": 600}
+    report = write_batches(({"id": i} for i in range(1000)), sink, FixedBatcher(100), load_id="r")
+    assert (report.rows_skipped, report.rows_written) == (600, 400)
+    assert sorted(r["id"] for r in sink.rows) == list(range(1000))  # type: ignore[call-overload]
+
+
+def test_a_second_writer_that_moved_the_ledger_is_not_written_over() -> None:
+    sink = MemorySink()
+    done: list[bool] = []
+
+    def other_writer(s: MemorySink) -> None:
+        # Another attempt of the same load commits rows 200..349 before our third batch.
+        if s.ledger.get("x") == 200 and not done:
+            s.rows.extend({"id": i} for i in range(200, 350))
+            s.ledger["x"] = 350
+            done.append(True)
+
+    sink.before_write.append(other_writer)
+    report = write_batches(({"id": i} for i in range(1000)), sink, FixedBatcher(100), load_id="x")
+    assert sorted(r["id"] for r in sink.rows) == list(range(1000))  # type: ignore[call-overload]
+    assert report.rows_skipped == 150
+    assert report.rows_written == 850
 
 
 def test_failing_dead_letters_abort() -> None:
     class NoDeadLetters(MemorySink):
-        def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-            raise OSError("disk full")
+        def write(self, rows: Sequence[Row], step: LoadStep | None = None) -> None:
+            if step is not None and step.dead_letters:
+                raise SinkError("cannot write 1 dead letters: disk full")
+            super().write(rows, step)
 
-    with pytest.raises(WriteAbortedError, match="cannot write 1 dead letters: OSError: disk full"):
+    with pytest.raises(WriteAbortedError, match="cannot write 1 dead letters: disk full"):
         write_batches([{"id": 1}, {"id": 2, "bad": True}], NoDeadLetters(), FixedBatcher(10))
 
 

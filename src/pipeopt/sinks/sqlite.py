@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -10,7 +11,15 @@ from typing import Any
 
 from pipeopt._validate import check_float
 from pipeopt.errors import SinkError
-from pipeopt.sinks.base import DeadLetter, Row, TableSink
+from pipeopt.sinks.base import (
+    DEAD_LETTER_COLUMNS,
+    LEDGER_TABLE,
+    LoadOrigin,
+    LoadProgress,
+    LoadStep,
+    Row,
+    TableSink,
+)
 
 __all__ = ["SQLiteSink"]
 
@@ -24,6 +33,10 @@ def _quote(name: str) -> str:
 
 class SQLiteSink(TableSink):
     """Write rows into an SQLite table; each :meth:`write` is one transaction.
+
+    The load ledger and the dead letters are tables of the same database
+    file (of the same attached schema for ``schema.table``), written in the
+    batch's transaction.
 
     The database runs in WAL mode, so readers are not blocked while a batch
     is written. Appends use ``INSERT``; with ``upsert_keys`` a row whose keys
@@ -45,7 +58,9 @@ class SQLiteSink(TableSink):
         synchronous: SQLite's ``PRAGMA synchronous``. ``NORMAL`` (default)
             is safe against a crash of the process in WAL mode and may lose
             the last commits on power loss; ``FULL`` syncs every commit.
-        timeout: seconds to wait for another writer's lock.
+        busy_timeout: seconds to wait for another connection's write lock
+            before the write fails with "database is locked" (the load then
+            stops; nothing of the batch is written).
 
     Raises:
         TypeError, ValueError: an argument is malformed.
@@ -63,21 +78,20 @@ class SQLiteSink(TableSink):
         create: bool = True,
         dead_letter_table: str | None = None,
         synchronous: str = "NORMAL",
-        timeout: float = 30.0,
+        busy_timeout: float = 30.0,
     ) -> None:
         super().__init__(table, columns, upsert_keys, dead_letter_table)
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
             raise ValueError(
                 f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
             )
-        timeout = check_float("timeout", timeout, minimum=0.0)
+        busy_timeout = check_float("busy_timeout", busy_timeout, minimum=0.0)
         self.path = os.fspath(path)
         self.create = bool(create)
         self._insert_sql: str | None = None
-        self._dead_letters_ready = False
         try:
             self._conn = sqlite3.connect(
-                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise SinkError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
@@ -136,45 +150,139 @@ class SQLiteSink(TableSink):
             self._insert_sql = sql
         return self._insert_sql
 
-    def _in_transaction(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        self._conn.execute("BEGIN")
-        try:
-            self._conn.executemany(sql, params)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                # The original error says more than a failed rollback would.
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-            raise
+    def _schema_prefix(self) -> str:
+        schema, _, _ = self.table.rpartition(".")
+        return f"{schema}." if schema else ""
 
-    def write(self, rows: Sequence[Row]) -> None:
-        """Write ``rows`` in one transaction: all of them, or none if it raises.
+    def _existing_columns(self, name: str) -> tuple[str, ...] | None:
+        return self._table_columns(name)
+
+    def _add_dead_letter_column(self, name: str, sqlite_type: str, postgres_type: str) -> None:
+        self._conn.execute(
+            f"ALTER TABLE {_quote(self.dead_letter_table)} ADD COLUMN {_quote(name)} {sqlite_type}"
+        )
+
+    def _open_ledger(self, key: str, origin: LoadOrigin) -> LoadProgress:
+        ledger = _quote(self._schema_prefix() + LEDGER_TABLE)
+        now = dt.datetime.now(dt.UTC).isoformat()
+        self._conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {ledger} ("
+            "load_key TEXT NOT NULL, target TEXT NOT NULL, "
+            "rows_consumed INTEGER NOT NULL DEFAULT 0, rows_written INTEGER NOT NULL DEFAULT 0, "
+            "rows_dead_lettered INTEGER NOT NULL DEFAULT 0, batches INTEGER NOT NULL DEFAULT 0, "
+            "run_id TEXT, task TEXT, attempt INTEGER, started_at TEXT NOT NULL, "
+            "updated_at TEXT NOT NULL, PRIMARY KEY (load_key, target))"
+        )
+        self._conn.execute(
+            f"INSERT INTO {ledger} (load_key, target, run_id, task, attempt, started_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (key, self.table, origin.run_id, origin.task, origin.attempt, now, now),
+        )
+        row = self._conn.execute(
+            f"SELECT rows_consumed, rows_written, rows_dead_lettered, batches FROM {ledger} "
+            "WHERE load_key = ? AND target = ?",
+            (key, self.table),
+        ).fetchone()
+        return LoadProgress(key, *row)
+
+    def write(self, rows: Sequence[Row], step: LoadStep | None = None) -> None:
+        """Write ``rows`` and ``step`` in one transaction: all of it, or none if it raises.
 
         Args:
             rows: mappings by column name, or sequences in column order.
+            step: dead letters to store and the ledger move to commit with the rows.
 
         Raises:
-            SinkError: the sink is closed, or the columns are unknown (tuple
-                rows for a table that does not exist yet).
+            SinkError: the sink is closed, the columns are unknown (tuple
+                rows for a table that does not exist yet), or the dead
+                letters cannot be written.
+            LoadConflictError: the ledger does not show ``step.before``.
             ValueError, TypeError: a row has the wrong shape.
             sqlite3.Error: the database refused the batch (see :meth:`is_row_error`).
         """
         if self._closed:
             raise SinkError(f"{self!r} is closed")
-        if not rows:
+        if not rows and (step is None or (step.key is None and not step.dead_letters)):
             return
-        if self._columns is None:
-            first = rows[0]
-            if not isinstance(first, Mapping):
-                raise SinkError(
-                    f"table {self.table!r} does not exist and its columns are unknown; "
-                    "pass columns= or write mappings"
+        values: list[tuple[Any, ...]] = []
+        if rows:
+            if self._columns is None:
+                first = rows[0]
+                if not isinstance(first, Mapping):
+                    raise SinkError(
+                        f"table {self.table!r} does not exist and its columns are unknown; "
+                        "pass columns= or write mappings"
+                    )
+                self._columns = tuple(str(k) for k in first)
+                self._create_table(self._columns)
+            values = self._values(rows, self._columns)
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if step is not None and step.key is not None:
+                self._move_ledger(step, len(values))
+            if values:
+                assert self._columns is not None
+                conn.executemany(self._insert(self._columns), values)
+            if step is not None and step.dead_letters:
+                self._insert_dead_letters(step)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                # The original error says more than a failed rollback would.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        if step is not None and step.dead_letters:
+            self._dead_letters_ready = True
+
+    def _move_ledger(self, step: LoadStep, written: int) -> None:
+        origin = step.origin
+        ledger = _quote(self._schema_prefix() + LEDGER_TABLE)
+        moved = self._conn.execute(
+            f"UPDATE {ledger} SET rows_consumed = ?, rows_written = rows_written + ?, "
+            "rows_dead_lettered = rows_dead_lettered + ?, batches = batches + 1, "
+            "run_id = ?, task = ?, attempt = ?, updated_at = ? "
+            "WHERE load_key = ? AND target = ? AND rows_consumed = ?",
+            (
+                step.after,
+                written,
+                len(step.dead_letters),
+                origin.run_id,
+                origin.task,
+                origin.attempt,
+                dt.datetime.now(dt.UTC).isoformat(),
+                step.key,
+                self.table,
+                step.before,
+            ),
+        )
+        if moved.rowcount != 1:
+            found = self._conn.execute(
+                f"SELECT rows_consumed FROM {ledger} WHERE load_key = ? AND target = ?",
+                (step.key, self.table),
+            ).fetchone()
+            raise self._conflict(step, None if found is None else int(found[0]))
+
+    def _insert_dead_letters(self, step: LoadStep) -> None:
+        table = _quote(self.dead_letter_table)
+        names = [name for name, _, _ in DEAD_LETTER_COLUMNS]
+        try:
+            if not self._dead_letters_ready:
+                kinds = ", ".join(f"{_quote(c)} {k}" for c, k, _ in DEAD_LETTER_COLUMNS)
+                self._conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY, {kinds})"
                 )
-            self._columns = tuple(str(k) for k in first)
-            self._create_table(self._columns)
-        columns = self._columns
-        self._in_transaction(self._insert(columns), self._values(rows, columns))
+            self._conn.executemany(
+                f"INSERT INTO {table} ({', '.join(map(_quote, names))}) "
+                f"VALUES ({', '.join('?' * len(names))})",
+                self._dead_letter_rows(step),
+            )
+        except sqlite3.Error as exc:
+            raise SinkError(
+                f"cannot write {len(step.dead_letters)} dead letters to "
+                f"{self.dead_letter_table!r}: {exc}"
+            ) from exc
 
     def is_row_error(self, exc: Exception) -> bool:
         """Return whether ``exc`` is caused by the rows rather than the database.
@@ -191,32 +299,6 @@ class SQLiteSink(TableSink):
         if isinstance(exc, sqlite3.Error):
             return False
         return isinstance(exc, ValueError | TypeError | OverflowError)
-
-    def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-        """Append refused rows to the dead-letter table (created if missing), in one transaction.
-
-        Each gets the time (UTC, ISO 8601), the error text and the row as JSON.
-
-        Raises:
-            SinkError: the sink is closed.
-            sqlite3.Error: the database refused the write.
-        """
-        if self._closed:
-            raise SinkError(f"{self!r} is closed")
-        if not letters:
-            return
-        table = _quote(self.dead_letter_table)
-        if not self._dead_letters_ready:
-            self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {table} ("
-                "id INTEGER PRIMARY KEY, failed_at TEXT NOT NULL, "
-                "error TEXT NOT NULL, row_json TEXT NOT NULL)"
-            )
-            self._dead_letters_ready = True
-        self._in_transaction(
-            f"INSERT INTO {table} (failed_at, error, row_json) VALUES (?, ?, ?)",
-            self._dead_letter_rows(letters),
-        )
 
     def close(self) -> None:
         """Close the connection; closing twice is harmless."""
