@@ -32,6 +32,7 @@ Usage::
     python benchmarks/batching_real.py            # 5 repetitions, a few minutes
     python benchmarks/batching_real.py --quick    # 1 repetition, smaller phases
     python benchmarks/batching_real.py --sinks sqlite --repeat 3
+    python benchmarks/batching_real.py --ledger   # every load keeps its exactly-once ledger
 """
 
 from __future__ import annotations
@@ -212,10 +213,14 @@ def run(
     batcher: Batcher,
     counts: tuple[int, int],
     budget: float | None = None,
+    *,
+    ledger: bool = False,
 ) -> tuple[Phase, Phase]:
     """Write ``counts`` rows in two phases through ``batcher``; build the indexes in between.
 
     With ``budget``, the second phase also stops after that many seconds.
+    With ``ledger``, each phase is a load with a key, so every batch also
+    moves the load's ledger row in its transaction.
     """
     sink = target.open(name)
     phases = (Phase(), Phase())
@@ -226,7 +231,8 @@ def run(
                 target.add_indexes(sink, name)
                 if budget is not None:
                     source = until(source, time.perf_counter() + budget)
-            write_batches(source, sink, batcher, on_batch=phase.add)
+            load_id = f"{name}-{k}" if ledger else None
+            write_batches(source, sink, batcher, on_batch=phase.add, load_id=load_id)
     finally:
         target.drop(sink, name)
     return phases
@@ -305,6 +311,7 @@ def bench_sink(kind: str, args: argparse.Namespace, folder: Path) -> list[str]:
             make_adaptive(slo),
             (per_phase, per_phase),
             budget=5 * args.batches_per_phase * slo,
+            ledger=args.ledger,
         )
         s_bare, s_indexed = (phase.settled_size() for phase in warm)
         # Phase 2 must also outlast the first batches after the drift, which
@@ -329,7 +336,7 @@ def bench_sink(kind: str, args: argparse.Namespace, folder: Path) -> list[str]:
             for name, make in order:
                 table = f"t_{name.replace(' ', '_')}_{rep}"
                 print(f"{kind} repetition {rep + 1}: {name}", file=sys.stderr)
-                figures.add(name, run(target, table, make(), counts))
+                figures.add(name, run(target, table, make(), counts, ledger=args.ledger))
     finally:
         target.close()
 
@@ -375,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slo", type=float, default=0.1, help="latency SLO in seconds")
     parser.add_argument("--sinks", default=",".join(SINKS))
     parser.add_argument("--batches-per-phase", type=int, default=None)
+    parser.add_argument("--ledger", action="store_true", help="keep a load ledger (load_id=)")
     parser.add_argument("--dsn", default=os.environ.get("PIPEOPT_TEST_POSTGRES_DSN", DEFAULT_DSN))
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 5)
@@ -382,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.calibration_sizes = (500, 2000, 8000) if args.quick else (1000, 4000, 16000)
     print(
         f"SLO {args.slo * 1e3:g} ms, {args.repeat} repetitions, "
+        f"ledger {'on' if args.ledger else 'off'}, "
         f"python {platform.python_version()}, {os.cpu_count()} cpus"
     )
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -29,6 +30,7 @@ __all__ = ["PostgresSink"]
 _METHODS = ("copy", "executemany")
 
 _STAGE = "pipeopt_stage"
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE, without importing psycopg here
 _writing = threading.local()
 _filter_lock = threading.Lock()
 _filter_installed = False
@@ -347,49 +349,70 @@ class PostgresSink(TableSink):
             if values and self.method == "copy" and self.upsert_keys
             else None
         )
+        conn = self._conn
         _writing.active = True
         try:
-            with self._conn.transaction(), self._conn.cursor() as cursor:
-                if step is not None and step.key is not None:
-                    self._move_ledger(cursor, step, len(values))
-                if values and self.method == "copy":
-                    if move is not None:
-                        values = self._last_per_key(values)
-                    with cursor.copy(self._statement) as copy:
-                        for row in values:
-                            copy.write_row(row)
-                    if move is not None:
-                        cursor.execute(move)
-                elif values:
-                    cursor.executemany(self._statement, values)
-                if step is not None and step.dead_letters:
-                    self._insert_dead_letters(cursor, step)
+            with conn.cursor() as cursor:
+                try:
+                    if step is not None and step.key is not None:
+                        self._begin_moving_ledger(cursor, step, len(values))
+                    else:
+                        cursor.execute("BEGIN")
+                    if values and self.method == "copy":
+                        if move is not None:
+                            values = self._last_per_key(values)
+                        with cursor.copy(self._statement) as copy:
+                            for row in values:
+                                copy.write_row(row)
+                        if move is not None:
+                            cursor.execute(move)
+                    elif values:
+                        cursor.executemany(self._statement, values)
+                    if step is not None and step.dead_letters:
+                        self._insert_dead_letters(cursor, step)
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    if not conn.closed and conn.info.transaction_status != _IDLE:
+                        # The original error says more than a failed rollback would.
+                        with contextlib.suppress(self._psycopg.Error):
+                            conn.execute("ROLLBACK")
+                    raise
         finally:
             _writing.active = False
         if step is not None and step.dead_letters:
             self._dead_letters_ready = True
 
-    def _move_ledger(self, cursor: psycopg.Cursor[Any], step: LoadStep, written: int) -> None:
+    def _begin_moving_ledger(
+        self, cursor: psycopg.Cursor[Any], step: LoadStep, written: int
+    ) -> None:
+        """Open the transaction and move the ledger row first, in one round trip.
+
+        Moving it first takes its row lock, so a second writer of the same
+        load waits here for this transaction, then sees the ledger moved.
+        """
         origin = step.origin
+        literal = self._sql.Literal
+        # Literal values, no parameters: psycopg then sends both statements as one message.
         cursor.execute(
             self._sql.SQL(
-                "UPDATE {} SET rows_consumed = %s, rows_written = rows_written + %s, "
-                "rows_dead_lettered = rows_dead_lettered + %s, batches = batches + 1, "
-                "run_id = %s, task = %s, attempt = %s, updated_at = now() "
-                "WHERE load_key = %s AND target = %s AND rows_consumed = %s"
-            ).format(self._ledger()),
-            [
-                step.after,
-                written,
-                len(step.dead_letters),
-                origin.run_id,
-                origin.task,
-                origin.attempt,
-                step.key,
-                self.table,
-                step.before,
-            ],
+                "BEGIN; UPDATE {} SET rows_consumed = {}, rows_written = rows_written + {}, "
+                "rows_dead_lettered = rows_dead_lettered + {}, batches = batches + 1, "
+                "run_id = {}, task = {}, attempt = {}, updated_at = now() "
+                "WHERE load_key = {} AND target = {} AND rows_consumed = {}"
+            ).format(
+                self._ledger(),
+                literal(step.after),
+                literal(written),
+                literal(len(step.dead_letters)),
+                literal(origin.run_id),
+                literal(origin.task),
+                literal(origin.attempt),
+                literal(step.key),
+                literal(self.table),
+                literal(step.before),
+            )
         )
+        cursor.nextset()  # from BEGIN's result to the UPDATE's
         if cursor.rowcount != 1:
             found = cursor.execute(
                 self._sql.SQL(
