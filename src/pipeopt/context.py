@@ -161,10 +161,12 @@ class ExecutionContext:
         writing chunk after chunk gets one key per chunk, the same ones in
         every attempt and every resume of the run. ``None`` outside a run.
         """
+        from pipeopt.sinks.write import default_load_key, sink_table
+
         if not self.lineage_id:
             return None
-        table = str(getattr(sink, "table", type(sink).__name__))
-        return f"{self.lineage_id}/{self.task}/{table}#{self._loads.get(table, 0) + 1}"
+        ordinal = self._loads.get(sink_table(sink), 0) + 1
+        return default_load_key(self.lineage_id, self.task, sink, ordinal)
 
     def write_batches(
         self,
@@ -191,13 +193,14 @@ class ExecutionContext:
         earlier attempt or run), summed over its loads and attempts.
         """
         from pipeopt.sinks import LoadOrigin, WriteAbortedError, WriteCancelledError, write_batches
+        from pipeopt.sinks.write import sink_table
 
         def observe(size: int, latency: float) -> None:
             if self._batch_observer is not None:
                 self._batch_observer(self.task, size, latency)
 
         key = self.load_key(sink) if load_id is None else None
-        table = str(getattr(sink, "table", type(sink).__name__))
+        table = sink_table(sink)
         self._loads[table] = self._loads.get(table, 0) + 1
         try:
             report = write_batches(

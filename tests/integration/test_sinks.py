@@ -744,3 +744,26 @@ def test_empty_input_writes_nothing() -> None:
     assert report.median_batch_size == 0.0
     with pytest.raises(ValueError, match="max_failed_levels must be an integer >= 1, got 0"):
         write_batches([], sink, FixedBatcher(10), max_failed_levels=0)
+
+
+def test_a_context_keys_each_load_by_lineage_task_table_and_ordinal(tmp_path: Path) -> None:
+    from pipeopt.context import ExecutionContext
+
+    context = ExecutionContext("load", attempt=2, run_id="run-2", lineage_id="run-1")
+    assert ExecutionContext("t", run_id="solo").lineage_id == "solo"
+    path = tmp_path / "keys.db"
+    with SQLiteSink(path, "t", columns=["id"]) as sink:
+        assert context.load_key(sink) == "run-1/load/t#1"
+        context.write_batches([(1,), (2,)], sink)
+        context.write_batches([(3,)], sink)
+        assert context.load_key(sink) == "run-1/load/t#3"
+        context.write_batches([(4,)], sink, load_id="explicit")
+    keys = sqlite_rows(
+        path, "SELECT load_key, rows_consumed, run_id, attempt FROM pipeopt_load_progress"
+    )
+    assert sorted(keys) == [
+        ("explicit", 1, "run-2", 2),
+        ("run-1/load/t#1", 2, "run-2", 2),
+        ("run-1/load/t#2", 1, "run-2", 2),
+    ]
+    assert context._custom["rows_written"] == 4

@@ -33,7 +33,7 @@ from pipeopt.sinks.base import (
 )
 from pipeopt.sinks.postgres import PostgresSink
 from pipeopt.sinks.sqlite import SQLiteSink
-from pipeopt.sinks.write import WriteReport, write_batches
+from pipeopt.sinks.write import WriteReport, default_load_key, write_batches
 
 __all__ = [
     "LEDGER_TABLE",
@@ -51,5 +51,6 @@ __all__ = [
     "WriteAbortedError",
     "WriteCancelledError",
     "WriteReport",
+    "default_load_key",
     "write_batches",
 ]

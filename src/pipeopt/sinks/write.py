@@ -61,7 +61,7 @@ from pipeopt.errors import (
 from pipeopt.sinks.base import DeadLetter, LoadOrigin, LoadStep, Row, Sink, describe_error
 from pipeopt.sinks.rows import RowSource
 
-__all__ = ["WriteReport", "write_batches"]
+__all__ = ["WriteReport", "default_load_key", "write_batches"]
 
 # A fractional budget is not judged on fewer handled rows than this until the input
 # ends, so that one bad row among the first few does not stop a load.
@@ -349,6 +349,21 @@ class _Loader:
             if isinstance(moved, _Moved):
                 return moved
         return None
+
+
+def default_load_key(lineage_id: str, task: str, sink: object, ordinal: int) -> str:
+    """Return the load key of a task's ``ordinal``-th load (1 for the first) into ``sink``.
+
+    ``<lineage_id>/<task>/<table>#<ordinal>``: the same in every attempt and
+    every resume of a run, one per load when a body writes chunk after chunk.
+    Every task context computes its default key with this function.
+    """
+    return f"{lineage_id}/{task}/{sink_table(sink)}#{ordinal}"
+
+
+def sink_table(sink: object) -> str:
+    """Return the table ``sink`` writes (its class name for a sink without one)."""
+    return str(getattr(sink, "table", type(sink).__name__))
 
 
 def write_batches(
