@@ -64,11 +64,24 @@ def row(i: int) -> tuple[Any, ...]:
     return (i, f"item {i}", i % 97, "ok" if i % 2 else None)
 
 
+_ROWS: list[tuple[Any, ...]] = []
+
+
+def all_rows() -> list[tuple[Any, ...]]:
+    """Return the N rows, made once for the whole module."""
+    if not _ROWS:
+        _ROWS.extend(row(i) for i in range(N))
+    return _ROWS
+
+
 def rows(hold: Callable[[int], None] | None = None) -> Iterator[tuple[Any, ...]]:
-    for i in range(N):
-        if hold is not None:
-            hold(i)
-        yield row(i)
+    """Yield the N rows one by one; ``hold(i)`` runs before row ``i``."""
+    if hold is None:
+        yield from all_rows()
+        return
+    for i, item in enumerate(all_rows()):
+        hold(i)
+        yield item
 
 
 @dataclass
@@ -407,7 +420,7 @@ def test_the_same_load_id_loads_the_rest_after_a_crash_and_nothing_after_success
 @pytest.fixture(scope="module")
 def frame() -> Any:
     pandas = pytest.importorskip("pandas")
-    columns = zip(*(row(i) for i in range(N)), strict=True)
+    columns = zip(*all_rows(), strict=True)
     return pandas.DataFrame(dict(zip(("id", "name", "qty", "note"), columns, strict=True)))
 
 
