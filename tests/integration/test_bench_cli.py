@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-BENCH = [sys.executable, "-m", "pipeopt.bench.cli"]
+BENCH = [sys.executable, "-m", "pipeopt.cli", "bench"]
 TINY = ["--quick", "--scale", "0.05", "--workers", "4"]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -110,7 +110,10 @@ def test_check_fails_on_a_doctored_baseline(first_run: tuple[Path, dict[str, Any
     ("argv", "message"),
     [
         (["--workload", "nope"], "unknown workload 'nope'"),
-        (["--workers", "many"], "argument --workers: invalid int value: 'many'"),
+        (
+            ["--workers", "many"],
+            "argument --workers: must be an integer from 2 to 10000, got 'many'",
+        ),
         (["--compare", "spark"], "--compare: unknown peer 'spark'"),
         (["--check", "missing.json"], "--check: cannot read missing.json"),
         (["--tolerance", "-1"], "--tolerance must be >= 0 and < 1"),

@@ -108,8 +108,8 @@ def test_failed_task_exits_1_and_lists_every_state(tmp_path: Path) -> None:
         (["run", "cycle.py"], "dependency cycle: a -> b -> a"),
         (["run", "two.py"], "defines several pipelines (first, second)"),
         (["run", "two.py:third"], "has no 'third'"),
-        (["run", "ok.py", "--workers", "0"], "max_workers must be an integer >= 1"),
-        (["run", "ok.py", "--workers", "many"], "invalid int value"),
+        (["run", "ok.py", "--workers", "0"], "--workers/-w: must be an integer from 1 to"),
+        (["run", "ok.py", "--workers", "many"], "must be an integer from 1 to 10000, got 'many'"),
         (["frobnicate"], "invalid choice"),
         (["graph", "cycle.py"], "dependency cycle"),
     ],
@@ -139,4 +139,4 @@ def test_graph_mermaid_and_dot(tmp_path: Path) -> None:
     dot = pipeopt("graph", "two.py:second", "--format", "dot", cwd=tmp_path)
     assert dot.returncode == 0, dot.stderr
     assert dot.stdout.startswith('digraph "second" {')
-    assert '"a \\"quoted\\" task"' in dot.stdout
+    assert 't0 [label="a \\"quoted\\" task\\nmedium"];' in dot.stdout

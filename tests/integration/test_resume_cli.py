@@ -190,7 +190,7 @@ def check_resumed(space: Workspace, reference: tuple[str, str]) -> None:
 
 def pipeopt(space: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeopt.store_cli", *args, "--state-dir", str(space.state)],
+        [sys.executable, "-m", "pipeopt.cli", *args, "--state-dir", str(space.state)],
         env=space.env,
         cwd=space.root,
         capture_output=True,

@@ -26,9 +26,10 @@ from pipeopt.bench import (
     check_regressions,
     parse_peers,
 )
-from pipeopt.bench import cli as bench_cli
 from pipeopt.bench.suite import critical_path, dask_graph, peer_tasks, run_threadpool
 from pipeopt.bench.workloads import BUILTIN_WORKLOADS, batching_workload, io_workload
+from pipeopt.cli import bench as bench_cli
+from pipeopt.cli import build_parser, main
 
 WORKLOAD_KEYS = {
     "workload",
@@ -359,15 +360,12 @@ def test_tolerance_out_of_range_is_refused() -> None:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pipeopt")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    bench_cli.add_parser(subparsers)
-    return parser.parse_args(["bench", *argv])
+    return build_parser().parse_args(["bench", *argv])
 
 
-def test_add_parser_registers_bench_with_its_defaults() -> None:
+def test_bench_is_registered_with_its_defaults() -> None:
     args = _parse([])
-    assert args.func is bench_cli.run
+    assert args.func is bench_cli.bench
     assert (args.workers, args.repeat, args.tolerance, args.seed) == (8, None, 0.15, 0)
     assert args.out == "pipeline_optimizer_benchmarks.json"
     args = _parse(["--workload", "io", "cpu", "--workload", "mixed", "--quick"])
@@ -379,8 +377,8 @@ def test_add_parser_registers_bench_with_its_defaults() -> None:
     ("argv", "message"),
     [
         (["--workload", "nope"], "unknown workload 'nope'; choose from io, cpu, mixed, batching"),
-        (["--workers", "1"], "--workers must be an integer >= 2, got 1"),
-        (["--repeat", "0"], "--repeat must be an integer >= 1, got 0"),
+        (["--workers", "1"], "argument --workers: must be an integer from 2 to 10000, got 1"),
+        (["--repeat", "0"], "argument --repeat: must be an integer from 1 to 1000, got 0"),
         (["--tolerance", "1"], "--tolerance must be >= 0 and < 1, got 1.0"),
         (["--scale", "0"], "--scale must be a number > 0 and <= 100, got 0.0"),
         (["--compare", "spark"], "--compare: unknown peer 'spark'"),
@@ -392,7 +390,7 @@ def test_add_parser_registers_bench_with_its_defaults() -> None:
 def test_bad_usage_exits_2_with_one_line(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert bench_cli.run(_parse(argv)) == 2
+    assert main(["bench", *argv]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1
@@ -404,7 +402,7 @@ def test_a_baseline_without_these_workloads_is_bad_usage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     baseline = _report(_result(workload="other")).write_json(tmp_path / "base.json")
-    assert bench_cli.run(_parse(["--workload", "io", "--check", str(baseline)])) == 2
+    assert main(["bench", "--workload", "io", "--check", str(baseline)]) == 2
     assert "has none of the workloads run (io)" in capsys.readouterr().err
 
 

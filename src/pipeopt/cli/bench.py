@@ -41,22 +41,42 @@ Regression checks in CI
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-from pipeopt.errors import BenchmarkError, UsageError
+from pipeopt.cli.app import (
+    MAX_WORKERS,
+    ExitCode,
+    Parser,
+    UsageError,
+    cell,
+    clean,
+    console,
+    int_range,
+    markup,
+)
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from pipeopt.bench.report import BenchmarkReport
+    from pipeopt.bench.suite import BenchmarkSuite
 
-EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 QUICK_SCALE = 0.25
-DEFAULT_REPEAT, QUICK_REPEAT = 5, 1
+DEFAULT_REPEAT, QUICK_REPEAT, MAX_REPEAT = 5, 1, 1000
+
+
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
+    """Add ``bench``."""
+    parser = commands.add_parser(
+        "bench",
+        help="benchmark sequential vs optimized runs (and peers)",
+        description="Run the benchmark suite: sequential vs optimized runs, and peers.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=bench)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,10 +94,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"workloads to run (default: all of {names})",
     )
     parser.add_argument(
-        "--workers", type=int, default=8, metavar="N", help="workers of the optimized runs (8)"
+        "--workers",
+        type=int_range(2, MAX_WORKERS),
+        default=8,
+        metavar="N",
+        help="workers of the optimized runs (8)",
     )
     parser.add_argument(
-        "--repeat", type=int, default=None, metavar="K", help="runs per mode; medians (5)"
+        "--repeat",
+        type=int_range(1, MAX_REPEAT),
+        default=None,
+        metavar="K",
+        help="runs per mode; medians (5)",
     )
     parser.add_argument(
         "--out", default=DEFAULT_JSON, metavar="FILE", help=f"JSON report ({DEFAULT_JSON})"
@@ -116,30 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register ``bench`` on an ``argparse`` subparsers object (``run`` as ``func``)."""
-    parser = subparsers.add_parser(
-        "bench",
-        help="benchmark sequential vs optimized runs (and peers)",
-        description="Run the benchmark suite: sequential vs optimized runs, and peers.",
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``pipeopt bench`` with parsed ``args`` and return the exit code."""
-    try:
-        return _run(args)
-    except UsageError as exc:
-        print(f"pipeopt bench: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BenchmarkError as exc:
-        print(f"pipeopt bench: {exc}", file=sys.stderr)
-        return EXIT_REGRESSION
-
-
-def _run(args: argparse.Namespace) -> int:
+def bench(args: argparse.Namespace) -> int:
+    """Run the benchmark suite; exit 1 if a workload failed or a ratio regressed."""
     from pipeopt.bench.report import BenchmarkReport
     from pipeopt.bench.suite import BenchmarkSuite, parse_peers
     from pipeopt.bench.workloads import BUILTIN_WORKLOADS
@@ -150,13 +156,9 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"unknown workload {name!r}; choose from {', '.join(BUILTIN_WORKLOADS)}"
             )
-    if args.workers < 2:
-        raise UsageError(f"--workers must be an integer >= 2, got {args.workers}")
     repeat = (
         args.repeat if args.repeat is not None else (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
     )
-    if repeat < 1:
-        raise UsageError(f"--repeat must be an integer >= 1, got {repeat}")
     scale = args.scale if args.scale is not None else (QUICK_SCALE if args.quick else 1.0)
     if not math.isfinite(scale) or not 0 < scale <= 100:
         raise UsageError(f"--scale must be a number > 0 and <= 100, got {scale}")
@@ -196,35 +198,36 @@ def _run(args: argparse.Namespace) -> int:
     suite = BenchmarkSuite(
         workers=args.workers, repetitions=repeat, seed=args.seed, scale=scale, peers=peers
     )
-    console = _console(stderr=False)
-    report = _run_with_progress(suite, workloads)
-    console.print(summary_table(report))
+    out = console()
+    try:
+        report = _run_with_progress(suite, workloads)
+    except RuntimeError as exc:
+        # A workload's pipeline failed, so its timings mean nothing.
+        print(f"pipeopt bench: {clean(exc)}", file=sys.stderr)
+        return ExitCode.FAILED
+    out.print(summary_table(report))
     if args.out:
         report.write_json(args.out)
-        console.print(f"wrote {args.out}")
+        out.print(cell(f"wrote {args.out}"))
     if args.png:
         report.write_png(args.png)
-        console.print(f"wrote {args.png}")
+        out.print(cell(f"wrote {args.png}"))
     if baseline is not None:
         regressions = report.check(baseline, args.tolerance)
         if regressions:
-            err = _console(stderr=True)
+            err = console(stderr=True)
             err.print(
-                f"[bold red]{len(regressions)} regression(s)[/] against {args.check} "
-                f"(tolerance {args.tolerance:.0%}):",
-                highlight=False,
+                f"[bold red]{len(regressions)} regression(s)[/] against {markup(args.check)} "
+                f"(tolerance {args.tolerance:.0%}):"
             )
             for item in regressions:
-                err.print(f"  {item}", highlight=False, markup=False)
-            return EXIT_REGRESSION
-        console.print(
-            f"no ratio regressed beyond {args.tolerance:.0%} against {args.check}",
-            highlight=False,
-        )
-    return EXIT_OK
+                err.print(cell(f"  {item}"))
+            return ExitCode.FAILED
+        out.print(cell(f"no ratio regressed beyond {args.tolerance:.0%} against {args.check}"))
+    return ExitCode.OK
 
 
-def _run_with_progress(suite: Any, workloads: Sequence[str]) -> BenchmarkReport:
+def _run_with_progress(suite: BenchmarkSuite, workloads: Sequence[str]) -> BenchmarkReport:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -240,20 +243,15 @@ def _run_with_progress(suite: Any, workloads: Sequence[str]) -> BenchmarkReport:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=_console(stderr=True),
+        console=console(stderr=True),
         transient=True,
     ) as progress:
         task = progress.add_task("starting", total=None)
 
         def update(done: int, total: int, label: str) -> None:
-            progress.update(task, completed=done, total=total, description=label)
+            progress.update(task, completed=done, total=total, description=markup(label))
 
-        try:
-            report: BenchmarkReport = suite.run(workloads, progress=update)
-        except RuntimeError as exc:
-            progress.stop()
-            raise BenchmarkError(str(exc)) from exc
-    return report
+        return suite.run(workloads, progress=update)
 
 
 def summary_table(report: BenchmarkReport) -> Any:
@@ -273,7 +271,7 @@ def summary_table(report: BenchmarkReport) -> Any:
     for w in report.workloads:
         bound = w.makespan_over_bound
         table.add_row(
-            f"{w.workload} ({w.executor})",
+            cell(f"{w.workload} ({w.executor})"),
             str(w.tasks),
             f"{w.sequential_s:.3f} s",
             f"{w.optimized_s:.3f} s",
@@ -292,7 +290,7 @@ def summary_table(report: BenchmarkReport) -> Any:
     for peer in report.peers:
         peers.add_column(peer, justify="right")
     for w in report.workloads:
-        cells = [w.workload, f"{w.optimized_s:.3f} s"]
+        cells: list[Any] = [cell(w.workload), f"{w.optimized_s:.3f} s"]
         for peer in report.peers:
             if peer in w.peers:
                 cells.append(f"{w.peers[peer].median_s:.3f} s ({w.peer_ratio(peer):.2f})")
@@ -302,38 +300,5 @@ def summary_table(report: BenchmarkReport) -> Any:
     return Group(table, peers)
 
 
-def _console(*, stderr: bool) -> Console:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
-
-
 def _has_module(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see --help)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``python -m pipeopt.bench.cli [options]`` and return the exit code."""
-    parser = _Parser(prog="pipeopt bench", description=__doc__.split("\n", 1)[0])
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        print(f"pipeopt bench: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("pipeopt bench: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,231 @@
+"""``pipeopt history`` and ``pipeopt show RUN_ID``: read the run store.
+
+Both only read: a state folder that does not exist is an error (a mistyped
+``--state-dir`` must not leave a new, empty store behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeopt.cli.app import (
+    ExitCode,
+    Parser,
+    UsageError,
+    add_state_dir_option,
+    cell,
+    clean,
+    console,
+    int_range,
+    state_dir,
+)
+from pipeopt.cli.session import state_cell
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pipeopt.store import RunDetail, RunStore, RunSummary, TaskSummary
+
+SHOW_LIMIT = 200  # task rows `show` prints without --all
+MAX_LIMIT = 1_000_000
+
+
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
+    """Add ``history`` and ``show``."""
+    history = commands.add_parser("history", help="list recorded runs, newest first")
+    history.add_argument(
+        "--limit",
+        "-n",
+        type=int_range(1, MAX_LIMIT),
+        default=20,
+        help="runs to list (default 20)",
+    )
+    history.add_argument("--json", action="store_true", help="print the runs as JSON")
+    add_state_dir_option(history)
+    history.set_defaults(func=history_command)
+
+    show = commands.add_parser("show", help="show a recorded run task by task")
+    show.add_argument(
+        "run_id", metavar="RUN_ID", help="a run id, a unique prefix of one, or 'last'"
+    )
+    show.add_argument(
+        "--all", action="store_true", help=f"list every task, not the first {SHOW_LIMIT}"
+    )
+    show.add_argument("--tracebacks", action="store_true", help="print failed tasks' tracebacks")
+    show.add_argument("--json", action="store_true", help="print the run as JSON")
+    add_state_dir_option(show)
+    show.set_defaults(func=show_command)
+
+
+def open_store(args: argparse.Namespace) -> RunStore:
+    """Open the existing run store of ``--state-dir``; never create one.
+
+    Raises:
+        UsageError: the folder does not exist or is not a folder.
+        RunStoreError: the store cannot be read.
+    """
+    from pipeopt.store import RunStore
+
+    folder = state_dir(args)
+    assert folder is not None
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(
+            f"state dir {folder} {what}; pass the folder that holds the runs "
+            "with --state-dir (or $PIPEOPT_STATE_DIR)"
+        )
+    return RunStore(folder)
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return dt.datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def seconds(value: float | None) -> str:
+    """Return a duration as ``1.234s``, ``12.3s`` or ``2m03.4s``."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.3f}s" if value < 10 else f"{value:.1f}s"
+    minutes, rest = divmod(value, 60)
+    return f"{int(minutes)}m{rest:04.1f}s"
+
+
+# -- history -----------------------------------------------------------------------------
+
+
+def history_command(args: argparse.Namespace) -> int:
+    """List the recorded runs, newest first."""
+    with open_store(args) as store:
+        runs = store.list_runs(args.limit)
+        path = store.path
+    if args.json:
+        sys.stdout.write(json.dumps([dataclasses.asdict(r) for r in runs], indent=2) + "\n")
+        return ExitCode.OK
+    out = console()
+    if not runs:
+        out.print(cell(f"no runs recorded in {path}"))
+        return ExitCode.OK
+    out.print(_history_table(runs, path))
+    return ExitCode.OK
+
+
+def _history_table(runs: list[RunSummary], path: Path) -> Any:
+    from rich.table import Table
+
+    table = Table(title=cell(f"runs in {path}, newest first"), title_justify="left")
+    for column in ("run", "pipeline", "status", "started", "duration", "tasks"):
+        table.add_column(column, no_wrap=column in ("run", "started"))
+    for column in ("ok", "failed", "skipped", "cancelled", "cached"):
+        table.add_column(column, justify="right")
+    table.add_column("resumed from")
+    for run in runs:
+        table.add_row(
+            cell(run.run_id),
+            cell(run.pipeline),
+            state_cell(run.status),
+            _when(run.started_at),
+            seconds(run.duration),
+            str(run.tasks),
+            str(run.succeeded),
+            str(run.failed),
+            str(run.skipped),
+            str(run.cancelled),
+            str(run.cached),
+            cell(run.resumed_from or ""),
+        )
+    return table
+
+
+# -- show ----------------------------------------------------------------------------------
+
+
+def show_command(args: argparse.Namespace) -> int:
+    """Show one recorded run: its summary and a row per task."""
+    with open_store(args) as store:
+        detail = store.show_run(args.run_id)
+    if args.json:
+        sys.stdout.write(json.dumps(dataclasses.asdict(detail), indent=2, default=str) + "\n")
+        return ExitCode.OK
+    _print_detail(detail, console(), every=args.all, tracebacks=args.tracebacks)
+    return ExitCode.OK
+
+
+def _print_detail(detail: RunDetail, out: Console, *, every: bool, tracebacks: bool) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    run = detail.summary
+    facts = [
+        ("run", run.run_id),
+        ("pipeline", run.pipeline),
+        ("status", run.status),
+        ("started", _when(run.started_at)),
+        ("ended", _when(run.ended_at)),
+        ("duration", seconds(run.duration)),
+        ("executor", f"{run.executor}, {run.workers} workers"),
+        ("host", f"{detail.host} (pid {detail.pid})"),
+        ("fingerprint", detail.fingerprint),
+    ]
+    if run.resumed_from:
+        facts.append(("resumed from", run.resumed_from))
+    if run.source:
+        facts.append(("source", run.source))
+    width = max(len(label) for label, _ in facts)
+    for label, value in facts:
+        out.print(cell(f"{label:<{width}}  {value}"))
+    tasks = list(detail.tasks)
+    hidden = 0
+    if not every and len(tasks) > SHOW_LIMIT:
+        # Whatever did not succeed comes first: it is what one looks for.
+        notable = [t for t in tasks if t.state not in ("succeeded", "cached")]
+        rest = [t for t in tasks if t.state in ("succeeded", "cached")]
+        tasks = (notable + rest)[:SHOW_LIMIT]
+        hidden = len(detail.tasks) - len(tasks)
+    table = Table(title_justify="left")
+    for column in ("task", "criticality", "state", "attempts", "duration", "error / note"):
+        table.add_column(
+            column, overflow="fold", justify="right" if column == "attempts" else "left"
+        )
+    for task in tasks:
+        table.add_row(
+            cell(task.name),
+            cell(task.criticality),
+            state_cell(task.state),
+            str(task.attempts),
+            seconds(task.duration),
+            cell(_error_or_note(task)[:300]),
+        )
+    if tasks:
+        out.print(table)
+    if hidden:
+        out.print(Text(f"{hidden} more tasks not listed; --all lists every task"))
+    counts = {
+        "succeeded": run.succeeded,
+        "failed": run.failed,
+        "skipped": run.skipped,
+        "cancelled": run.cancelled,
+        "cached": run.cached,
+    }
+    tally = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no tasks finished"
+    out.print(cell(f"{run.status} — {tally} of {run.tasks} tasks"))
+    if tracebacks:
+        for task in detail.tasks:
+            if task.traceback:
+                out.print()
+                out.print(cell(f"--- {task.name} ---", "bold"))
+                out.print(Text(clean(task.traceback.rstrip(), lines=True)))
+
+
+def _error_or_note(task: TaskSummary) -> str:
+    if task.error_type is not None:
+        return f"{task.error_type}: {task.error}"
+    return task.note or ""

@@ -1,0 +1,111 @@
+"""``pipeopt run FILE[:PIPELINE]``: run a pipeline with progress, a summary and a record."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from pipeopt.cli.app import (
+    MAX_WORKERS,
+    Parser,
+    UsageError,
+    add_state_dir_option,
+    int_range,
+    state_dir,
+)
+from pipeopt.cli.load import load_pipeline, source_of
+from pipeopt.cli.session import add_dashboard_options, run_session
+
+if TYPE_CHECKING:
+    from pipeopt.executors import Executor
+    from pipeopt.optimizer import PipelineOptimizer
+
+
+def register(commands: argparse._SubParsersAction[Parser]) -> None:
+    """Add ``run``."""
+    parser = commands.add_parser("run", help="run a pipeline: FILE[:PIPELINE]")
+    parser.add_argument("pipeline", metavar="FILE[:PIPELINE]")
+    add_run_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_state_dir_option(parser, optional=True)
+    add_dashboard_options(parser)
+    parser.set_defaults(func=run)
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, inherit: bool = False) -> None:
+    """Add ``--workers``, ``--executor``, ``--dask-address`` and ``--fail-fast``.
+
+    With ``inherit`` (``resume``), leaving out workers or executor keeps the
+    recorded run's.
+    """
+    from pipeopt.executors import NAMES
+
+    default = "default: as the run" if inherit else None
+    parser.add_argument(
+        "--workers",
+        "-w",
+        type=int_range(1, MAX_WORKERS),
+        default=None,
+        help=default or "task bodies at once (default: min(32, CPUs + 4))",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=NAMES,
+        default=None if inherit else "thread",
+        help=default or "where task bodies run (thread)",
+    )
+    parser.add_argument(
+        "--dask-address", default=None, help="tcp://host:port of a dask scheduler (--executor dask)"
+    )
+    parser.add_argument("--fail-fast", action="store_true", help="cancel the rest on a failure")
+
+
+def make_optimizer(
+    args: argparse.Namespace, *, workers: int | None, executor: str
+) -> PipelineOptimizer:
+    """Return the optimizer the options ask for, recording into the state dir.
+
+    Raises:
+        UsageError: an option the optimizer refuses.
+    """
+    from pipeopt.optimizer import PipelineOptimizer
+
+    if args.dask_address and executor != "dask":
+        raise UsageError("--dask-address needs --executor dask")
+    try:
+        chosen: str | Executor = executor
+        if args.dask_address:
+            from pipeopt.executors.dask import DaskExecutor
+
+            chosen = DaskExecutor(address=args.dask_address)
+        return PipelineOptimizer(
+            max_workers=workers,
+            executor=chosen,
+            fail_fast=args.fail_fast,
+            state_dir=state_dir(args),
+        )
+    except ImportError as exc:
+        raise UsageError(f"--executor {executor}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a pipeline file; exit 0 if every task succeeded, 1 if one did not."""
+    from pipeopt.optimizer import new_run_id
+
+    pipeline = load_pipeline(args.pipeline)
+    pipeline.validate()
+    with make_optimizer(args, workers=args.workers, executor=args.executor) as optimizer:
+        run_id = new_run_id()
+        store = optimizer.store
+        if store is not None:
+            # Recorded before the run starts, so that `pipeopt resume` works even after a kill -9.
+            store.set_source(run_id, source_of(args.pipeline))
+        return run_session(
+            optimizer,
+            args,
+            lambda: optimizer.run(pipeline, run_id=run_id),
+            title=pipeline.name,
+            total=len(pipeline),
+        )
