@@ -23,12 +23,12 @@ import sys
 from collections.abc import Sequence
 
 from pipeopt.cli import app, bench, demo, graph, history, resume, run
-from pipeopt.cli.app import ExitCode, UsageError
+from pipeopt.cli.app import ExitCode
 from pipeopt.cli.load import load_pipeline
 
 COMMANDS: tuple[app.Command, ...] = (run, graph, demo, bench, history, resume)
 
-__all__ = ["COMMANDS", "ExitCode", "UsageError", "build_parser", "load_pipeline", "main"]
+__all__ = ["COMMANDS", "ExitCode", "build_parser", "load_pipeline", "main"]
 
 
 def build_parser() -> app.Parser:

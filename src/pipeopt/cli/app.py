@@ -7,7 +7,7 @@ Exit codes
 
 Errors
     A user's mistake is one line on stderr, ``pipeopt COMMAND: message``,
-    and exit code 2: :class:`UsageError` for command-line input, any other
+    and exit code 2: :class:`~pipeopt.errors.UsageError` for command-line input, any other
     :class:`~pipeopt.errors.PipeoptError` for the pipeline or the run store.
     A traceback means a bug in pipeopt (or in a task, when a task's own
     error is asked for with ``show --tracebacks``).
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from rich.console import Console
 
-from pipeopt.errors import PipeoptError
+from pipeopt.errors import PipeoptError, RunInterrupted, UsageError
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -56,12 +56,15 @@ class ExitCode(enum.IntEnum):
     SIGTERM = 143
 
 
-class UsageError(PipeoptError, ValueError):
-    """Bad command-line input: printed as one line, exit code 2."""
-
-
-class Terminated(KeyboardInterrupt):
+class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt so that a run stops as it does on Ctrl-C."""
+
+
+def interrupt_code(interrupt: BaseException) -> ExitCode:
+    """Return 143 for an interrupt raised by SIGTERM, else 130 (also inside a RunInterrupted)."""
+    if isinstance(interrupt, RunInterrupted):
+        return interrupt_code(interrupt.reason) if interrupt.reason is not None else ExitCode.SIGINT
+    return ExitCode.SIGTERM if isinstance(interrupt, _Terminated) else ExitCode.SIGINT
 
 
 # -- safe text ---------------------------------------------------------------------
@@ -239,12 +242,12 @@ def _parse(parser: Parser, argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated("terminated")
+    raise _Terminated("terminated")
 
 
 @contextlib.contextmanager
 def _signals() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated`; SIGINT raises ``KeyboardInterrupt``, even if ignored."""
+    """Make SIGTERM raise an interrupt (see :func:`interrupt_code`), and SIGINT too if ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -290,12 +293,10 @@ def main(modules: Sequence[Command], argv: Sequence[str]) -> int:
     except PipeoptError as exc:
         _say(f"{prog}: {clean(exc)}")
         return ExitCode.USAGE
-    except Terminated:
-        _say(f"{prog}: terminated")
-        return ExitCode.SIGTERM
-    except KeyboardInterrupt:
-        _say(f"{prog}: interrupted")
-        return ExitCode.SIGINT
+    except KeyboardInterrupt as exc:
+        code = interrupt_code(exc)
+        _say(f"{prog}: {'terminated' if code == ExitCode.SIGTERM else 'interrupted'}")
+        return code
     except BrokenPipeError:
         # `pipeopt show RUN | head`: the reader has all it wanted.
         _silence_stdout()

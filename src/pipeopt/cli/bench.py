@@ -52,13 +52,13 @@ from pipeopt.cli.app import (
     MAX_WORKERS,
     ExitCode,
     Parser,
-    UsageError,
     cell,
     clean,
     console,
     int_range,
     markup,
 )
+from pipeopt.errors import BenchmarkError, UsageError
 
 if TYPE_CHECKING:
     from pipeopt.bench.report import BenchmarkReport
@@ -201,7 +201,7 @@ def bench(args: argparse.Namespace) -> int:
     out = console()
     try:
         report = _run_with_progress(suite, workloads)
-    except RuntimeError as exc:
+    except BenchmarkError as exc:
         # A workload's pipeline failed, so its timings mean nothing.
         print(f"pipeopt bench: {clean(exc)}", file=sys.stderr)
         return ExitCode.FAILED

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from pipeopt.cli.app import (
     MAX_WORKERS,
     Parser,
-    UsageError,
     add_state_dir_option,
     console,
     int_range,
     state_dir,
 )
 from pipeopt.cli.session import add_dashboard_options, run_session
+from pipeopt.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from pipeopt.cli.app import (
     ExitCode,
     Parser,
-    UsageError,
     add_state_dir_option,
     cell,
     clean,
@@ -26,6 +25,7 @@ from pipeopt.cli.app import (
     state_dir,
 )
 from pipeopt.cli.session import state_cell
+from pipeopt.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console

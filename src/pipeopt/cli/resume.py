@@ -12,12 +12,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from pipeopt.cli.app import Parser, UsageError, add_state_dir_option, clean
+from pipeopt.cli.app import Parser, add_state_dir_option, clean
 from pipeopt.cli.history import open_store
 from pipeopt.cli.load import load_pipeline, source_of
 from pipeopt.cli.run import add_run_options, make_optimizer
 from pipeopt.cli.session import add_dashboard_options, run_session
-from pipeopt.errors import PipeoptError
+from pipeopt.errors import PipeoptError, UsageError
 
 if TYPE_CHECKING:
     from pipeopt.result import RunResult

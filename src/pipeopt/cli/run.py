@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING
 from pipeopt.cli.app import (
     MAX_WORKERS,
     Parser,
-    UsageError,
     add_state_dir_option,
     int_range,
     state_dir,
 )
 from pipeopt.cli.load import load_pipeline, source_of
 from pipeopt.cli.session import add_dashboard_options, run_session
+from pipeopt.errors import UsageError
+from pipeopt.executors.registry import EXECUTOR_NAMES, create_executor
 
 if TYPE_CHECKING:
-    from pipeopt.executors import Executor
     from pipeopt.optimizer import PipelineOptimizer
 
 
@@ -38,8 +38,6 @@ def add_run_options(parser: argparse.ArgumentParser, *, inherit: bool = False) -
     With ``inherit`` (``resume``), leaving out workers or executor keeps the
     recorded run's.
     """
-    from pipeopt.executors import NAMES
-
     default = "default: as the run" if inherit else None
     parser.add_argument(
         "--workers",
@@ -50,8 +48,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, inherit: bool = False) -
     )
     parser.add_argument(
         "--executor",
-        choices=NAMES,
-        default=None if inherit else "thread",
+        choices=EXECUTOR_NAMES,
+        default=None if inherit else EXECUTOR_NAMES[0],
         help=default or "where task bodies run (thread)",
     )
     parser.add_argument(
@@ -73,14 +71,9 @@ def make_optimizer(
     if args.dask_address and executor != "dask":
         raise UsageError("--dask-address needs --executor dask")
     try:
-        chosen: str | Executor = executor
-        if args.dask_address:
-            from pipeopt.executors.dask import DaskExecutor
-
-            chosen = DaskExecutor(address=args.dask_address)
         return PipelineOptimizer(
             max_workers=workers,
-            executor=chosen,
+            executor=create_executor(executor, address=args.dask_address),
             fail_fast=args.fail_fast,
             state_dir=state_dir(args),
         )

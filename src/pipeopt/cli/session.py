@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from pipeopt.cli.app import (
     ExitCode,
-    Terminated,
-    UsageError,
     cell,
     console,
     error_text,
     int_range,
+    interrupt_code,
     markup,
 )
+from pipeopt.errors import RunInterrupted, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -168,7 +168,7 @@ def _run_with_progress(
     title: str,
     total: int,
     quiet: bool,
-) -> tuple[RunResult | None, int]:
+) -> tuple[RunResult, int]:
     """Call ``start`` under a live progress bar; return the (partial) result and exit code."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -196,12 +196,10 @@ def _run_with_progress(
         watcher.start()
         try:
             result = start()
-        except KeyboardInterrupt as exc:
-            partial: RunResult | None = getattr(exc, "result", None)
-            terminated = isinstance(exc, Terminated) or isinstance(
-                getattr(exc, "reason", None), Terminated
-            )
-            return partial, ExitCode.SIGTERM if terminated else ExitCode.SIGINT
+        except RunInterrupted as exc:
+            if exc.result is None:
+                raise  # stopped before the run began: nothing ran, nothing to show
+            return exc.result, interrupt_code(exc)
         except OSError as exc:
             # Task errors are in the result; this is the executor's (an unreachable
             # dask scheduler, say), raised before any task ran.
@@ -240,9 +238,6 @@ def run_session(
         result, code = _run_with_progress(
             optimizer, start, title=title, total=total, quiet=args.json
         )
-        if result is None:
-            # Interrupted before the run began: nothing ran, nothing to show.
-            raise Terminated("terminated") if code == ExitCode.SIGTERM else KeyboardInterrupt
         if after is not None:
             after(result)
         if args.json:
