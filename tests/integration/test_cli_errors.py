@@ -129,7 +129,7 @@ def test_read_only_commands_do_not_create_a_mistyped_state_dir(workdir: Path) ->
     assert pipeopt("run", "f.py", "--state-dir", "state", cwd=workdir).returncode == 0
     for args in (["history"], ["show", "last"], ["resume", "--last"]):
         line = one_line(pipeopt(*args, "--state-dir", "stat", cwd=workdir))
-        assert "state dir stat does not exist" in line
+        assert "state folder stat does not exist" in line
     assert not (workdir / "stat").exists()
     assert sorted(p.name for p in workdir.iterdir()) == ["f.py", "state"]
 

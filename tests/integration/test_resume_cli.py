@@ -341,6 +341,14 @@ def test_the_command_line_refuses_a_changed_pipeline_unless_forced(tmp_path: Pat
 def test_store_commands_fail_with_one_line(tmp_path: Path) -> None:
     space = Workspace(tmp_path, "errors")
     space.state.mkdir()
+    for args in (("history",), ("show", "last"), ("resume", "--last")):
+        empty = pipeopt(space, *args)
+        assert empty.returncode == 2, args
+        assert empty.stderr.count("\n") == 1, empty.stderr
+        assert "no run store in" in empty.stderr
+    assert list(space.state.iterdir()) == []  # reading never creates the store
+
+    RunStore(space.state).close()
     unknown = pipeopt(space, "show", "20990101-000000-000000")
     assert unknown.returncode == 2
     assert unknown.stderr.count("\n") == 1
@@ -374,7 +382,7 @@ def start_resume(space: Workspace, run_id: str) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "pipeopt.store_cli",
+            "pipeopt.cli",
             "resume",
             run_id,
             "--file",

@@ -1,7 +1,7 @@
 """``pipeopt history`` and ``pipeopt show RUN_ID``: read the run store.
 
-Both only read: a state folder that does not exist is an error (a mistyped
-``--state-dir`` must not leave a new, empty store behind).
+Both open it read-only: a state folder without a store is an error (a
+mistyped ``--state-dir`` must not leave a new, empty store behind).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pipeopt.cli.app import (
     state_dir,
 )
 from pipeopt.cli.session import state_cell
-from pipeopt.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -64,23 +63,16 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
 
 
 def open_store(args: argparse.Namespace) -> RunStore:
-    """Open the existing run store of ``--state-dir``; never create one.
+    """Open the run store of ``--state-dir`` to read it; never create one.
 
     Raises:
-        UsageError: the folder does not exist or is not a folder.
-        RunStoreError: the store cannot be read.
+        RunStoreError: the folder or its store does not exist or cannot be read.
     """
     from pipeopt.store import RunStore
 
     folder = state_dir(args)
     assert folder is not None
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise UsageError(
-            f"state dir {folder} {what}; pass the folder that holds the runs "
-            "with --state-dir (or $PIPEOPT_STATE_DIR)"
-        )
-    return RunStore(folder)
+    return RunStore(folder, read_only=True)
 
 
 def _when(epoch: float | None) -> str:
