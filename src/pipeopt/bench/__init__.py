@@ -6,7 +6,7 @@
 peers (a thread pool loop, dask threaded, dask distributed), and returns a
 :class:`BenchmarkReport` that writes ``pipeline_optimizer_benchmarks.json``
 and a PNG chart, and checks ratios against a baseline. ``pipeopt bench`` is
-its command line (:mod:`pipeopt.bench.cli`).
+its command line (:mod:`pipeopt.cli.bench`).
 """
 
 from pipeopt.bench.report import (
