@@ -581,7 +581,8 @@ def test_sigint_is_ignored_by_process_workers_so_the_driver_decides(ledger: Path
             TaskCall("waits", body, {}, True, "function", 1, 3, None), ExecutionContext("waits")
         )
         deadline = time.monotonic() + 30
-        while not pid_file.exists() and time.monotonic() < deadline:
+        # The worker creates the file before it writes the pid into it: wait for the pid.
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(int(pid_file.read_text()), signal.SIGINT)
         time.sleep(0.2)
