@@ -143,13 +143,15 @@ class NotCallableError(PipelineError, TypeError):
 
 
 class PipelineRunningError(PipelineError, RuntimeError):
-    """A pipeline was changed while it runs."""
+    """A pipeline was changed while it runs, or an optimizer already runs one.
 
-    def __init__(self, pipeline: str) -> None:
+    ``pipeline`` names the pipeline that is running.
+    """
+
+    def __init__(self, pipeline: str, message: str | None = None) -> None:
         self.pipeline = pipeline
-        super().__init__(
-            f"pipeline {pipeline!r} is running; add tasks before calling run() or after it returns"
-        )
+        default = f"pipeline {pipeline!r} is running; add tasks before calling run() or after"
+        super().__init__(message or f"{default} it returns")
 
 
 class NotPicklableError(PipelineError, TypeError):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from pipeopt._validate import check_float, check_int
-from pipeopt.errors import ParameterError, RunInterrupted, RunStoreError
+from pipeopt.errors import ParameterError, PipelineRunningError, RunInterrupted, RunStoreError
 from pipeopt.executors.base import Executor
 from pipeopt.executors.registry import create_executor
 from pipeopt.logs import capture as log_capture
@@ -109,7 +109,8 @@ class PipelineOptimizer:
         batcher_factory: builds each task's batcher from its name, e.g.
             ``lambda task: AdaptiveBatcher(target_latency=0.1)``.
         seed: seeds the retry jitter, for reproducible runs.
-        interrupt_grace: seconds an interrupt waits for running bodies.
+        interrupt_grace: seconds an interrupt (or ``fail_fast``) gives running
+            bodies to finish before they are stopped and their tasks cancelled.
         state_dir: folder of the run store (a SQLite file) that records runs
             for ``history``, ``resume`` and ``cache_key``, or a
             :class:`~pipeopt.store.RunStore`; ``None`` (the library default)
@@ -181,6 +182,7 @@ class PipelineOptimizer:
         self._store: RunStore | None = None
         self.metrics = OptimizerMetrics(registry)
         self._lock = threading.Lock()
+        self._busy: str | None = None  # the pipeline being run, if any
         self._loop: RunLoop | None = None
         self._run_id: str | None = None
         self._pipeline_name: str | None = None
@@ -314,6 +316,12 @@ class PipelineOptimizer:
     ) -> RunResult:
         """Validate ``pipeline``, run every task, and return the outcome.
 
+        One optimizer runs one pipeline at a time (its metrics, dashboard,
+        ``progress()`` and ``interrupt()`` are about that run): a second
+        ``run()`` while one is going is refused at once, so the running run
+        never shares its executor. Concurrent runs each take their own
+        ``PipelineOptimizer`` (they may share a Dask ``client=``).
+
         The graph is checked before anything runs. Task failures do not
         raise: they are in the result (``result.raise_for_status()`` raises
         the first). ``KeyboardInterrupt`` stops dispatching, cancels what has
@@ -328,17 +336,31 @@ class PipelineOptimizer:
 
         Raises:
             PipelineError: the pipeline is invalid (see :mod:`pipeopt.errors`).
+            PipelineRunningError: this optimizer is running a pipeline already.
             RunInterrupted: Ctrl-C (or a signal handler's ``KeyboardInterrupt``)
                 stopped the run.
             ParameterError: a parameter is not declared or its value's type
                 does not match its default's.
         """
-        values = resolve_params(pipeline.params, params)
-        with log_capture:
-            if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
-                with _gc_tuning:
-                    return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
-            return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+        with self._lock:
+            if self._busy is not None:
+                raise PipelineRunningError(
+                    self._busy,
+                    f"this PipelineOptimizer is already running pipeline {self._busy!r}; "
+                    "an optimizer runs one pipeline at a time: wait for that run() to return, "
+                    "or give each concurrent run its own PipelineOptimizer",
+                )
+            self._busy = pipeline.name
+        try:
+            values = resolve_params(pipeline.params, params)
+            with log_capture:
+                if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
+                    with _gc_tuning:
+                        return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+                return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+        finally:
+            with self._lock:
+                self._busy = None
 
     def _run(
         self,

@@ -86,6 +86,8 @@ _Ran = tuple[Any, BaseException | None, str | None, bool, float, float]
 _FAST_BODY_SECONDS = 50e-6  # bodies faster than this are claimed several at a time
 _FAST_CLAIM = 8
 _SUCCESS = (TaskState.SUCCEEDED, TaskState.CACHED)
+# Raised by a body (or delivered into one by a signal): the run stops, the task is cancelled.
+_STOPS_THE_RUN = (KeyboardInterrupt, SystemExit)
 
 
 @dataclass(slots=True)
@@ -99,6 +101,8 @@ class Attempt:
     deadline: float | None
     cancel: threading.Event | None = None
     abandoned: bool = False
+    stopped: bool = False  # the run asked it to stop (interrupt or fail_fast)
+    stop_reason: BaseException | None = None
     future: Future[Any] | None = None
     cache_key: str | None = None
     value: Any = None
@@ -610,10 +614,18 @@ class SchedulerCore:
         self._parked.clear()
         return cancelled
 
-    def abandon_running(self, i: int, error: BaseException) -> None:
-        """Mark a running task cancelled (an interrupt gave up waiting for it)."""
+    def abandon_running(
+        self, i: int, error: BaseException | None, record: AttemptRecord | None = None
+    ) -> None:
+        """Mark a running task cancelled: the run stopped it (an interrupt or ``fail_fast``).
+
+        ``record`` is the attempt's own account when it ended after being
+        asked to stop; ``None`` when the run gave up waiting for it.
+        """
         outcome = self.outcomes[i]
         if outcome.state is TaskState.RUNNING:
+            if record is not None:
+                outcome.attempt_history.append(record)
             outcome.state = TaskState.CANCELLED
             outcome.error = error
             outcome.finished_at = time.time()
@@ -662,7 +674,8 @@ class RunLoop:
         executor: runs the bodies; inline executors run them in the workers.
         max_workers: how many bodies run at once.
         hooks: per-run services for the contexts.
-        interrupt_grace: seconds an interrupt waits for running bodies.
+        interrupt_grace: seconds an interrupt, or ``fail_fast``, gives running
+            bodies to finish before they are stopped and their tasks cancelled.
     """
 
     def __init__(
@@ -690,6 +703,7 @@ class RunLoop:
         self._idle = 0
         self._workers: list[threading.Thread] = []
         self._clock = core.clock
+        self._halted = False
         self.interrupted = False
 
     # -- the calling thread ------------------------------------------------
@@ -701,11 +715,12 @@ class RunLoop:
             core.start(preloaded)
             if core.done:
                 return
-        if self.executor.name == "sync":
-            self._run_in_caller()
-            return
-        count = max(1, min(self.max_workers, core.total))
+        inline = self.executor.name == "sync"
         try:
+            if inline:
+                self._run_in_caller()
+                return
+            count = max(1, min(self.max_workers, core.total))
             # Inside the try: the first workers run bodies while the others start,
             # so an interrupt may arrive here already.
             for _ in range(count):
@@ -713,9 +728,11 @@ class RunLoop:
             with self.lock:
                 while not core.done:
                     self._expire_deadlines()
-                    self._main.wait(self._main_timeout())
-        except KeyboardInterrupt:
-            self.interrupt(KeyboardInterrupt("interrupted"))
+                    if not core.done:
+                        self._main.wait(self._main_timeout())
+        except KeyboardInterrupt as exc:
+            # The sync executor ran the bodies in this very thread: none is left to wait for.
+            self.interrupt(exc, wait=not inline)
             raise
         finally:
             with self.lock:
@@ -737,6 +754,12 @@ class RunLoop:
             _, _, attempt = heapq.heappop(self._deadlines)
             if attempt.abandoned or self._running.get(attempt.index) is not attempt:
                 continue
+            if attempt.stopped:
+                # The run stopped it before its deadline: cancelled, not timed out.
+                self._abandon(attempt)
+                self.core.abandon_running(attempt.index, attempt.stop_reason)
+                self._wake_if_done()
+                continue
             timeout = self.core.tasks[attempt.index].timeout
             assert timeout is not None
             attempt.error = TaskTimeoutError(self.core.outcomes[attempt.index].name, timeout)
@@ -753,17 +776,40 @@ class RunLoop:
             self.executor.cancel(attempt.future)
         del self._running[attempt.index]
 
-    def interrupt(self, reason: BaseException) -> None:
-        """Stop dispatching, cancel what has not started, give running bodies a grace period."""
+    def _halt(self, reason: BaseException | None) -> None:
+        """Stop dispatching and ask every running attempt to stop (caller holds the lock).
+
+        Running bodies see ``context.cancelled`` and may finish: one that
+        succeeds keeps its result. The verdict on the others is the run's,
+        whatever the executor reports: an attempt asked to stop here that
+        then fails, however its executor ends it (a cancelled future, a
+        killed process, ``CancelledError`` in a coroutine), is ``cancelled``.
+        """
+        if not self._halted:
+            self._halted = True
+            self.core.stop(reason)
+        # Past the grace period the main thread stops them through the executor.
+        cutoff = self._clock() + self.interrupt_grace
+        for attempt in self._running.values():
+            if not attempt.stopped:
+                attempt.stopped = True
+                attempt.stop_reason = reason
+                attempt.cancel_event().set()
+                heapq.heappush(self._deadlines, (cutoff, next(self._deadline_seq), attempt))
+        self._work.notify_all()
+        self._main.notify_all()
+
+    def interrupt(self, reason: BaseException, *, wait: bool = True) -> None:
+        """Stop dispatching, cancel what has not started, give running bodies a grace period.
+
+        Every attempt still running after ``interrupt_grace`` seconds (at
+        once when ``wait`` is false) is stopped through its executor (a
+        cancelled future, a terminated worker process) and its task cancelled.
+        """
         self.interrupted = True
         with self.lock:
-            self.core.stop(reason)
-            for attempt in self._running.values():
-                attempt.cancel_event().set()
-                if attempt.future is not None:
-                    self.executor.cancel(attempt.future)
-            self._work.notify_all()
-            deadline = time.monotonic() + self.interrupt_grace
+            self._halt(reason)
+            deadline = time.monotonic() + (self.interrupt_grace if wait else 0.0)
             while self._running:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -772,6 +818,12 @@ class RunLoop:
             for attempt in list(self._running.values()):
                 self._abandon(attempt)
                 self.core.abandon_running(attempt.index, reason)
+            self._wake_if_done()
+
+    def _wake_if_done(self) -> None:
+        if self.core.done:
+            self._work.notify_all()
+            self._main.notify_all()
 
     # -- worker threads ----------------------------------------------------
 
@@ -805,6 +857,9 @@ class RunLoop:
                 ran = (None, TaskTimeoutError(name, timeout), None, False, ran[4], ran[5])
             with self.lock:
                 self._record(attempt, ran)
+            if isinstance(ran[1], KeyboardInterrupt):
+                # Ctrl-C (or SIGTERM) landed in the body, which runs in this thread.
+                raise ran[1]
 
     def _over(self) -> bool:
         return self.core.done or self.core.stopped
@@ -830,6 +885,8 @@ class RunLoop:
                     return
                 i = core.next_task(clock())
                 if i is None:
+                    if core.stopped and not self._halted:
+                        self._halt(None)  # next_task failed a task under fail_fast (open breaker)
                     if self._over():
                         continue  # next_task itself failed the last tasks (open breaker)
                     due = core.next_due()
@@ -933,7 +990,7 @@ class RunLoop:
             else:
                 future = self.executor.submit(call, self._context(i, attempt))
                 attempt.future = future
-                if attempt.abandoned:  # timed out while submitting: stop it now
+                if attempt.abandoned:  # timed out or given up while submitting: stop it now
                     self.executor.cancel(future)
                 value = future.result()
             return (value, None, None, False, started, clock())
@@ -955,7 +1012,34 @@ class RunLoop:
         attempt.value, attempt.error, attempt.text, attempt.cached = ran[:4]
         attempt.started, attempt.ended = ran[4], ran[5]
         del self._running[attempt.index]
-        self._finish_attempt(attempt)
+        error = attempt.error
+        if error is not None and not attempt.stopped and isinstance(error, _STOPS_THE_RUN):
+            # A body (or, under the sync executor, Ctrl-C in it) interrupted the run.
+            self.interrupted = True
+            attempt.stopped, attempt.stop_reason = True, error
+            self._halt(error)
+        if error is not None and attempt.stopped:
+            self._finish_stopped(attempt)
+        else:
+            self._finish_attempt(attempt)
+
+    def _finish_stopped(self, attempt: Attempt) -> None:
+        """Record an attempt the run stopped and that did not succeed: its task is cancelled."""
+        core = self.core
+        i = attempt.index
+        record = AttemptRecord(
+            attempt.number,
+            attempt.started_wall,
+            attempt.ended - attempt.started,
+            attempt.error,
+            attempt.text,
+        )
+        core.abandon_running(i, attempt.stop_reason, record)
+        observer = self.hooks.observer
+        if observer is not None:
+            outcome = core.outcomes[i]
+            observer.attempt_finished(outcome.name, record, outcome.state)
+        self._wake_if_done()
 
     def _finish_attempt(self, attempt: Attempt) -> None:
         core = self.core
@@ -978,10 +1062,6 @@ class RunLoop:
                 observer.task_succeeded(name, value, attempt.cache_key)
             if woken > 1 and self._idle:
                 self._work.notify(woken - 1)
-        elif isinstance(error, KeyboardInterrupt | SystemExit):
-            core.fail(attempt.index, error, record, now)
-            core.stop(error)
-            self._work.notify_all()
         else:
             retried = core.fail(attempt.index, error, record, now)
             if self.hooks.observer is not None:
@@ -990,7 +1070,10 @@ class RunLoop:
             if retried and self._idle:
                 self._work.notify()
             elif core.stopped:
-                self._work.notify_all()
+                if self._halted:
+                    self._work.notify_all()
+                else:
+                    self._halt(None)  # fail_fast: stop what still runs
         if core.done:
             self._work.notify_all()
             self._main.notify()

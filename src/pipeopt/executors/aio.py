@@ -13,8 +13,8 @@ Policy
 Timeouts and cancellation
     ``cancel(future)`` of a coroutine attempt cancels its task on the loop:
     the body sees :class:`asyncio.CancelledError` at its current ``await``
-    and its ``finally`` blocks run; the attempt fails with ``TimeoutError``
-    if its task's timeout had elapsed, and is cancelled otherwise. An
+    and its ``finally`` blocks run, and the attempt's future is cancelled
+    (the run loop records whether that was a timeout or the run stopping). An
     attempt also stops itself at its task's ``timeout``
     (``asyncio.timeout``), so a coroutine is cancelled even without the run
     loop's deadline. A plain body already running in the thread pool
@@ -25,6 +25,18 @@ Shutdown
     ``shutdown()`` waits up to ``shutdown_timeout`` seconds for coroutines
     still on the loop, then cancels them; ``shutdown(cancel=True)`` cancels
     them at once. The loop is then closed and its thread joined.
+
+A coroutine that never yields
+    A body that blocks the loop (``time.sleep``, a busy loop, a blocking
+    driver call inside ``async def``) cannot be cancelled: cancellation is
+    delivered at an ``await``. The run loop still fails it at its
+    ``timeout`` with :class:`~pipeopt.errors.TaskTimeoutError` and the run
+    goes on, but every other coroutine of the run waits behind it (give
+    such tasks a timeout). At the end of the run ``shutdown()`` sees that
+    the loop does not answer within half a second, asks it to cancel its
+    tasks and stop once the body gives control back, and returns without
+    waiting; the loop's daemon thread runs the body to its end and then
+    stops, or dies with the process. The next run gets a fresh loop.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -50,7 +63,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncExecutor"]
 
+_log = logging.getLogger("pipeopt.executors")
 _ASYNC_KINDS = ("coroutine", "async_generator")
+_LOOP_RESPONSE = 0.5  # seconds a healthy loop needs, at most, to run a callback
+_DRAIN_SLACK = 2.0  # seconds beyond the grace period for cancelled coroutines to unwind
 
 
 class _DaemonPool:
@@ -222,20 +238,40 @@ class AsyncExecutor:
         return future.cancel()
 
     def shutdown(self, *, cancel: bool = False) -> None:
-        """Cancel or finish the coroutines still on the loop, then close it."""
+        """Cancel or finish the coroutines still on the loop, then close it; never hang.
+
+        A loop that does not answer within ``_LOOP_RESPONSE`` seconds is
+        blocked by a coroutine that never yields (see the module's docs):
+        it is told to cancel everything and stop as soon as it gets control
+        back, and left behind without waiting.
+        """
         loop, thread, pool = self._loop, self._thread, self._pool
         self._loop = self._thread = self._pool = self._limit = None
         if pool is not None:
             pool.shutdown()
         if loop is None or thread is None:
             return
+        if not _responsive(loop):
+            asyncio.run_coroutine_threadsafe(_wind_down(loop, 0.0), loop)
+            _log.warning(
+                "the async executor's event loop is blocked by a coroutine that does not yield "
+                "(a blocking call in an async def body?); its thread is left behind and stops "
+                "when the body returns, or with the process"
+            )
+            return
         grace = 0.0 if cancel else self.shutdown_timeout
-        drained = asyncio.run_coroutine_threadsafe(_drain(loop, grace), loop)
-        with contextlib.suppress(Exception):
-            drained.result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+        asyncio.run_coroutine_threadsafe(_wind_down(loop, grace), loop)
+        thread.join(grace + _DRAIN_SLACK)
+
+
+def _responsive(loop: asyncio.AbstractEventLoop) -> bool:
+    """Return whether ``loop`` runs a callback within ``_LOOP_RESPONSE`` seconds."""
+    answered = threading.Event()
+    try:
+        loop.call_soon_threadsafe(answered.set)
+    except RuntimeError:  # closed already
+        return False
+    return answered.wait(_LOOP_RESPONSE)
 
 
 def _claim(future: Future[Any]) -> bool:
@@ -262,7 +298,19 @@ async def _await(out: Any, timeout: float | None) -> Any:
 def _run_forever(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
     asyncio.set_event_loop(loop)
     loop.call_soon(ready.set)
-    loop.run_forever()
+    try:
+        loop.run_forever()
+    finally:
+        # Closed here, by its own thread, so that a loop left behind blocked closes too.
+        loop.close()
+
+
+async def _wind_down(loop: asyncio.AbstractEventLoop, grace: float) -> None:
+    """Drain the loop (see :func:`_drain`), then stop it; its thread then closes it."""
+    try:
+        await _drain(loop, grace)
+    finally:
+        loop.stop()
 
 
 async def _drain(loop: asyncio.AbstractEventLoop, grace: float) -> None:

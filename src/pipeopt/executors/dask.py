@@ -41,8 +41,8 @@ Timeouts and cancellation
     the cluster never runs; one already running on a worker thread cannot
     be interrupted by Dask, so it runs to its end there and its result is
     dropped (a worker process that must die is the process executor's job).
-    The attempt fails with ``TimeoutError`` if its task's timeout had
-    elapsed, and is cancelled otherwise.
+    The attempt's future is cancelled; the run loop, which asked for it,
+    records whether that was a timeout or the run stopping.
     If a worker dies, Dask itself re-runs the tasks it held on another
     worker, so a body may run twice: make side effects idempotent (keyed by
     task name), as Dask's docs advise for any task.
@@ -263,11 +263,7 @@ class DaskExecutor:
             self._inflight.discard(attempt)
 
     def cancel(self, future: Future[Any]) -> bool:
-        """Cancel the attempt's Dask future; return whether it was still pending here.
-
-        The attempt fails with ``TimeoutError`` if its task's timeout had
-        elapsed, and is cancelled otherwise.
-        """
+        """Cancel the attempt and its Dask future; return whether it was still pending here."""
         if isinstance(future, AttemptFuture):
             return future.stop()
         return future.cancel()
@@ -286,4 +282,22 @@ class DaskExecutor:
         if client is not None:
             client.close()
         if cluster is not None:
-            cluster.close()
+            _close_cluster(cluster)
+
+
+def _close_cluster(cluster: Any) -> None:
+    """Close a ``LocalCluster`` made here without waiting for bodies still running.
+
+    Closing a worker waits, by default, up to 30 s for the threads of its
+    executor; a body that ignores cancellation (a timed-out or interrupted
+    attempt) would hold the run that long. In-process workers are closed
+    first without that wait: their threads are daemon threads, which run
+    the abandoned body to its end and die with the process at the latest.
+    Worker processes (``processes=True``) are stopped by their nannies.
+    """
+    distributed = _distributed()
+    for worker in list(cluster.workers.values()):
+        if isinstance(worker, distributed.Worker):
+            with contextlib.suppress(Exception):
+                cluster.sync(worker.close, executor_wait=False, reason="pipeopt executor shutdown")
+    cluster.close()

@@ -24,9 +24,8 @@ Timeouts and cancellation
     after ``terminate_grace`` seconds) and starts a fresh process in its
     place, so a timed-out body really stops and its slot is whole again. A
     body in a worker process never sees ``context.cancelled`` become true: it
-    is stopped instead. The attempt's future then fails with
-    ``TimeoutError`` if the task's timeout had elapsed, and is cancelled
-    otherwise (see :class:`AttemptFuture`).
+    is stopped instead. The attempt's future is then cancelled; the run
+    loop, which asked for it, records the verdict (timed out or cancelled).
 
 Crashes
     A worker process that dies while running an attempt (``os._exit``, a
@@ -92,7 +91,7 @@ _log = logging.getLogger("pipeopt.task")
 _START_METHODS = ("forkserver", "spawn")
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 _ASYNC_KINDS = ("coroutine", "async_generator")
-_TIMEOUT_SLACK = 0.1  # seconds
+_SHUTDOWN_SLACK = 5.0  # seconds beyond terminate_grace that shutdown() waits for its threads
 
 
 class RemoteContext:
@@ -324,49 +323,23 @@ def _worker_main(conn: Connection) -> None:
 
 
 class AttemptFuture(Future[Any]):
-    """The future of one attempt; knows its task, its timeout and when it was submitted.
+    """The future of one attempt; knows its task and its timeout.
 
     :meth:`stop` is how executors settle an attempt they were asked to
-    cancel: once the task's timeout has elapsed the attempt fails with
-    :class:`TimeoutError` (which the run loop reports as
-    :class:`~pipeopt.errors.TaskTimeoutError`), otherwise it is cancelled.
-    So the thread waiting on it records the same error as the run loop's
-    deadline, whichever of the two gets there first.
+    cancel: the future is cancelled, whatever the reason. Whether that
+    was a timeout or the run stopping (Ctrl-C, ``fail_fast``) is the run
+    loop's to say, not the executor's: it records its verdict before it
+    asks the executor to cancel.
     """
 
     def __init__(self, task: str, timeout: float | None) -> None:
         super().__init__()
         self.task = task
         self.timeout = timeout
-        self.submitted = time.monotonic()
-
-    def timed_out(self) -> bool:
-        """Return whether the attempt has been out for (about) its task's timeout.
-
-        The run loop starts its clock before ``submit()``, by microseconds
-        normally and by more on a loaded machine; half the timeout of slack
-        (at least ``_TIMEOUT_SLACK``) tells a deadline from an interrupt.
-        """
-        if self.timeout is None:
-            return False
-        slack = max(_TIMEOUT_SLACK, 0.5 * self.timeout)
-        return time.monotonic() - self.submitted >= self.timeout - slack
 
     def stop(self) -> bool:
-        """Settle the attempt as stopped: failed with ``TimeoutError`` if timed out, else cancelled.
-
-        Returns whether it was still pending.
-        """
-        if not self.timed_out():
-            return self.cancel()
-        assert self.timeout is not None
-        try:
-            self.set_exception(
-                TimeoutError(f"task {self.task!r} stopped after its timeout of {self.timeout:g}s")
-            )
-        except InvalidStateError:
-            return False
-        return True
+        """Cancel the attempt; return whether it was still pending."""
+        return self.cancel()
 
 
 @dataclass(slots=True, eq=False)
@@ -441,6 +414,10 @@ class _Pool:
         if not worker.killed:
             worker.killed = True
             worker.process.terminate()
+            # A body that handles SIGTERM must not keep its slot (or the shutdown) waiting.
+            timer = threading.Timer(self._grace, _kill_if_alive, (worker.process,))
+            timer.daemon = True
+            timer.start()
 
     def _serve(self, slot: int) -> None:
         while True:
@@ -559,8 +536,13 @@ class _Pool:
                 self._by_future.clear()
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + self._grace + _SHUTDOWN_SLACK
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = [w for w in self._workers if w is not None and w.process.is_alive()]
+        for worker in left:  # a proxy thread still waits on it: end it the hard way
+            _kill_if_alive(worker.process)
 
 
 class ProcessExecutor:
@@ -694,6 +676,12 @@ class ProcessExecutor:
 
     def __repr__(self) -> str:
         return f"ProcessExecutor(processes={self.processes}, start_method={self.start_method!r})"
+
+
+def _kill_if_alive(process: BaseProcess) -> None:
+    with contextlib.suppress(ValueError, OSError):  # closed or reaped meanwhile
+        if process.is_alive():
+            process.kill()
 
 
 def _stop(future: Future[Any]) -> bool:
