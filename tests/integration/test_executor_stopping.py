@@ -35,7 +35,7 @@ from pipeopt import (
     TaskTimeoutError,
 )
 from pipeopt.errors import PipelineRunningError
-from pipeopt.executors import Executor, by_name
+from pipeopt.executors import Executor, create_executor
 
 EXECUTORS = ("thread", "sync", "process", "async", "dask")
 
@@ -132,7 +132,7 @@ def _factory(request: pytest.FixtureRequest) -> Iterator[Callable[[], Executor]]
         client = request.getfixturevalue("dask_client")
         yield lambda: DaskExecutor(client=client)
     else:
-        yield lambda: by_name(name)
+        yield lambda: create_executor(name)
     _RELEASE.set()
 
 
