@@ -479,8 +479,9 @@ def test_process_executor_kills_a_timed_out_body(ledger: Path, tmp_path: Path) -
     pid_file = tmp_path / "pid"
     p = Pipeline("kill")
     body = functools.partial(stall, ledger=str(ledger), pid_file=str(pid_file))
-    p.add(PipelineTask("stuck", body, timeout=3.0))  # room for the worker to start
+    # "stuck" waits for "quick", so that the worker processes are up when its timeout starts.
     p.add(PipelineTask("quick", functools.partial(trace, ledger=str(ledger))))
+    p.add(PipelineTask("stuck", body, timeout=2.0, dependencies=["quick"]))
     result = PipelineOptimizer(max_workers=2, executor=process_executor()).run(p)
     assert isinstance(result.tasks["stuck"].error, TaskTimeoutError)
     pid = int(pid_file.read_text())
