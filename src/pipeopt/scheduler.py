@@ -33,16 +33,29 @@ Mapping
     or fails (or is cancelled) if any item did not succeed. Items have no
     dependents: the parent's dependents wait on the parent.
 
-Drivers
-    :class:`RunLoop` runs the core with ``max_workers`` worker threads
-    that pull work themselves: the thread that finishes a task takes the
-    next ready one under the same lock, so a chain never waits for a thread
-    hand-off and the run needs no polling. The calling thread sleeps on a
-    condition and wakes only for attempt deadlines, interrupts and the end.
+Drivers (:class:`RunLoop`)
+    With the thread executor the core runs on ``max_workers`` worker
+    threads that pull work themselves: the thread that finishes a task takes
+    the next ready one under the same lock, so a chain never waits for a
+    thread hand-off and the run needs no polling. The calling thread sleeps
+    on a condition and wakes only for attempt deadlines, interrupts and the
+    end. The sync executor runs everything in the calling thread.
+    Executors that hand out futures (process, async, Dask) are fed by the
+    calling thread alone, at most ``max_workers`` attempts in flight; each
+    future's done-callback records its attempt and wakes the caller, so no
+    thread is parked per attempt.
+
+Stopping
+    The run loop, not the executor, says what an interrupted attempt was:
+    past its deadline it is a :class:`TaskTimeoutError` (recorded before
+    the executor is asked to cancel it); stopped by the run (Ctrl-C,
+    SIGTERM, ``fail_fast``) it is ``cancelled``, after running bodies had
+    ``interrupt_grace`` seconds to finish.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -51,7 +64,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -80,6 +93,7 @@ if TYPE_CHECKING:
     from pipeopt.executors.base import Executor
     from pipeopt.graph import CompiledPipeline, PipelineTask
 
+_dispatching = threading.local()  # set while a callback thread submits follow-ups
 _PARK_FOR_BUSY_BREAKER = 0.05  # re-check a half-open breaker whose trial slots are all taken
 # (value, error, traceback text, cached, started, ended) of one attempt.
 _Ran = tuple[Any, BaseException | None, str | None, bool, float, float]
@@ -694,6 +708,8 @@ class RunLoop:
         self.interrupt_grace = interrupt_grace
         # The built-in thread executors run bodies right here, without a TaskCall.
         self._own_threads = type(executor) in (ThreadExecutor, SyncExecutor)
+        # Executors that hand out futures are fed by this thread, without worker threads.
+        self._dispatching = not executor.inline
         self.lock = threading.Lock()
         self._work = threading.Condition(self.lock)
         self._main = threading.Condition(self.lock)
@@ -719,6 +735,9 @@ class RunLoop:
         try:
             if inline:
                 self._run_in_caller()
+                return
+            if self._dispatching:
+                self._dispatch_until_done()
                 return
             count = max(1, min(self.max_workers, core.total))
             # Inside the try: the first workers run bodies while the others start,
@@ -766,8 +785,9 @@ class RunLoop:
             attempt.value, attempt.cached, attempt.ended = None, False, now
             self._abandon(attempt)
             self._finish_attempt(attempt)
-            # The stuck thread keeps running the body; a fresh one takes its slot.
-            self._spawn_worker()
+            if not self._dispatching:
+                # The stuck thread keeps running the body; a fresh one takes its slot.
+                self._spawn_worker()
 
     def _abandon(self, attempt: Attempt) -> None:
         attempt.abandoned = True
@@ -824,6 +844,145 @@ class RunLoop:
         if self.core.done:
             self._work.notify_all()
             self._main.notify_all()
+
+    # -- dispatching to an executor's futures --------------------------------
+
+    def _dispatch_until_done(self) -> None:
+        """Feed the executor from this thread, at most ``max_workers`` attempts in flight.
+
+        Each future settles the attempt through a done-callback, in
+        whatever thread the executor settles it (a process executor's proxy
+        thread, Dask's client loop); the callback records the outcome under
+        the lock and wakes this thread, which submits what became ready. So
+        no thread waits on an attempt, and a slot is free again as soon as
+        its attempt is recorded, timed out or given up.
+        """
+        core = self.core
+        while True:
+            with self.lock:
+                self._expire_deadlines()
+                claimed = self._claim()
+                if core.done:
+                    return
+                if not claimed:
+                    self._main.wait(self._dispatch_timeout())
+                    continue
+            for attempt in claimed:
+                self._dispatch(attempt)
+
+    def _claim(self) -> list[Attempt]:
+        """Begin ready tasks up to the in-flight bound (caller holds the lock)."""
+        core = self.core
+        claimed: list[Attempt] = []
+        while len(self._running) < self.max_workers:
+            i = core.next_task(self._clock())
+            if i is None:
+                break
+            claimed.append(self._begin(i))
+        if core.stopped and not self._halted:
+            self._halt(None)  # next_task failed a task under fail_fast (open breaker)
+        return claimed
+
+    def _dispatch_timeout(self) -> float | None:
+        """Return how long the dispatcher may sleep: until a deadline or a parked task falls due."""
+        waits: list[float] = []
+        if self._deadlines:
+            waits.append(self._deadlines[0][0])
+        due = self.core.next_due()
+        if due is not None and len(self._running) < self.max_workers:
+            waits.append(due)
+        if not waits:
+            return None
+        return max(0.0, min(waits) - self._clock())
+
+    def _dispatch(self, attempt: Attempt) -> None:
+        """Submit one attempt (lock not held); its future's callback records the outcome."""
+        core = self.core
+        i = attempt.index
+        task = core.tasks[i]
+        # Log records of the body are the task's: executors that run it in
+        # this process (async, in-process Dask) carry the context along.
+        token = current_task.set(core.outcomes[i])
+        try:
+            injection = core.injections[i]
+            kwargs = core.arguments(i)
+            observer = self.hooks.observer
+            if task.cache_key is not None and observer is not None:
+                key = attempt.cache_key = task.cache_key(**kwargs)
+                hit, cached_value = observer.cache_lookup(core.names[i], key)
+                if hit:
+                    self._settle(
+                        attempt, (cached_value, None, None, True, attempt.started, self._clock())
+                    )
+                    return
+            call = TaskCall(
+                core.names[i],
+                task.func,
+                kwargs,
+                injection.wants_context,
+                injection.kind,
+                attempt.number,
+                core.levels[i],
+                task.timeout,
+            )
+            future = self.executor.submit(call, self._context(i, attempt))
+        except Exception as exc:  # e.g. arguments that do not pickle
+            text = traceback.format_exc()
+            self._settle(attempt, (None, exc, text, False, attempt.started, self._clock()))
+            return
+        finally:
+            current_task.reset(token)
+        attempt.future = future
+        if attempt.abandoned:  # timed out or given up while submitting: stop it now
+            self.executor.cancel(future)
+        future.add_done_callback(functools.partial(self._settled, attempt))
+
+    def _settled(self, attempt: Attempt, future: Future[Any]) -> None:
+        """Done-callback of an attempt's future: record its outcome and wake the dispatcher."""
+        if attempt.abandoned:
+            # Given up under the lock (whose holder may be the thread running this callback).
+            return
+        ended = self._clock()
+        value: Any = None
+        error: BaseException | None = None
+        text: str | None = None
+        if future.cancelled():
+            error = CancelledError()
+        else:
+            error = future.exception()
+            if error is None:
+                value = future.result()
+            else:
+                text = "".join(traceback.format_exception(error))
+                timeout = self.core.tasks[attempt.index].timeout
+                if isinstance(error, TimeoutError) and timeout is not None:
+                    # asyncio.timeout and executors report a timeout as TimeoutError.
+                    cause = error
+                    error = TaskTimeoutError(self.core.outcomes[attempt.index].name, timeout)
+                    error.__cause__ = cause
+        self._settle(attempt, (value, error, text, False, attempt.started, ended))
+
+    def _settle(self, attempt: Attempt, ran: _Ran) -> None:
+        """Record an attempt, then submit what it made ready from this same thread.
+
+        Like a worker thread that takes the next task itself, the thread
+        that settles a future (the executor's) submits the follow-ups, so a
+        chain does not wait for the dispatcher to wake up. A submission that
+        settles at once (a cache hit) is left to the dispatcher instead of
+        recursing.
+        """
+        nested = getattr(_dispatching, "active", False)
+        with self.lock:
+            self._record(attempt, ran)
+            claimed = [] if nested else self._claim()
+            self._main.notify()
+        if claimed:
+            _dispatching.active = True
+            try:
+                for follower in claimed:
+                    self._dispatch(follower)
+            finally:
+                _dispatching.active = False
 
     # -- worker threads ----------------------------------------------------
 
@@ -984,15 +1143,9 @@ class RunLoop:
                 core.levels[i],
                 task.timeout,
             )
-            if self.executor.inline:
-                context = self._context(i, attempt) if injection.wants_context else None
-                value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
-            else:
-                future = self.executor.submit(call, self._context(i, attempt))
-                attempt.future = future
-                if attempt.abandoned:  # timed out or given up while submitting: stop it now
-                    self.executor.cancel(future)
-                value = future.result()
+            # Worker threads serve inline executors only; the others are dispatched to.
+            context = self._context(i, attempt) if injection.wants_context else None
+            value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
             return (value, None, None, False, started, clock())
         except BaseException as exc:
             error: BaseException = exc
