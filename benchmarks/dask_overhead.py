@@ -16,9 +16,11 @@ through two drivers:
 * ``pipeopt`` - ``PipelineOptimizer(max_workers=M, executor=DaskExecutor(client=client))``:
   pipeopt's run loop decides what is ready, submits each attempt when its
   dependencies have succeeded and gathers its result back (so that
-  retries, breakers, criticality and metrics stay in the driver). ``M``
-  worker slots each keep one attempt in flight; rows for several ``M``
-  show how throughput follows the number of attempts in flight.
+  retries, breakers, criticality and metrics stay in the driver). At most
+  ``M`` attempts are in flight; each Dask future's done-callback records
+  its attempt and submits what became ready, with no driver thread parked
+  per attempt. Rows for several ``M`` show how throughput follows the
+  number of attempts in flight.
 
 Each repetition runs the drivers in a rotated order; the table shows the
 median and the ratio of each median to Dask's own.
