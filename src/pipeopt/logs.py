@@ -107,7 +107,8 @@ class Capture:
                 if task_logger.level == logging.NOTSET:
                     # context.logger.info(...) must not vanish under the root's WARNING.
                     self._saved_task_level = task_logger.level
-                    task_logger.setLevel(logging.INFO)
+                    root_level = logging.getLogger().getEffectiveLevel()
+                    task_logger.setLevel(min(logging.INFO, root_level))
         return self.handler
 
     def __exit__(self, *exc: Any) -> None:
