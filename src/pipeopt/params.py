@@ -107,6 +107,20 @@ def resolve_params(declared: Mapping[str, Any], given: Mapping[str, Any] | None)
     return values
 
 
+def parse_flag(text: str) -> bool:
+    """Return the truth of a yes/no text (``1``, ``true``, ``yes``, ``on`` and their opposites).
+
+    Raises:
+        ValueError: any other text.
+    """
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"use one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
+
+
 def convert(name: str, default: Any, text: str) -> Any:
     """Return ``text`` converted to the type of ``default``.
 
@@ -117,12 +131,7 @@ def convert(name: str, default: Any, text: str) -> Any:
         if default is None or isinstance(default, str):
             return text
         if isinstance(default, bool):
-            lowered = text.strip().lower()
-            if lowered in _TRUE:
-                return True
-            if lowered in _FALSE:
-                return False
-            raise ValueError(f"use one of {', '.join(_TRUE + _FALSE)}")
+            return parse_flag(text)
         if isinstance(default, int | float):
             return type(default)(text)
         if isinstance(default, dt.datetime):
@@ -176,4 +185,4 @@ def show_value(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["RunParams", "convert", "parse_params", "resolve_params", "show_value"]
+__all__ = ["RunParams", "convert", "parse_flag", "parse_params", "resolve_params", "show_value"]

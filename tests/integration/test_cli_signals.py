@@ -166,9 +166,13 @@ def test_resume_serves_the_dashboard(tmp_path: Path) -> None:
     proc = start_resume(tmp_path, "--dashboard", "--no-wait")
     try:
         assert proc.stderr is not None
-        first_line = proc.stderr.readline()
-        assert first_line.startswith("dashboard: http://127.0.0.1:"), first_line
-        url = first_line.split()[1]
+        # Log records (--log-level INFO by default) may come before the URL line.
+        lines = [proc.stderr.readline()]
+        while not lines[-1].startswith("dashboard: ") and lines[-1] and len(lines) < 20:
+            lines.append(proc.stderr.readline())
+        url_line = lines[-1]
+        assert url_line.startswith("dashboard: http://127.0.0.1:"), lines
+        url = url_line.split()[1]
         wait_for(tmp_path / "started", proc)
         with urllib.request.urlopen(url + "metrics", timeout=10) as response:
             live = json.load(response)

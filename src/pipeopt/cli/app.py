@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol, TextIO
 
 from rich.console import Console
 
@@ -149,11 +149,53 @@ class _CleanFormatter(logging.Formatter):
         return clean(super().format(record), lines=True)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Write to the ``sys.stderr`` of the moment.
+
+    A live progress display replaces ``sys.stderr`` while it runs, and prints
+    what is written there above itself.
+    """
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def _log_handler() -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setLevel(logging.WARNING)
     handler.setFormatter(_CleanFormatter("pipeopt: %(levelname)s: %(message)s"))
     return handler
+
+
+@contextlib.contextmanager
+def _log_level(args: argparse.Namespace, handler: logging.Handler) -> Iterator[None]:
+    """Show every logger's records from ``--log-level`` on (commands that run pipelines)."""
+    if not hasattr(args, "log_level"):
+        yield
+        return
+    from pipeopt.cli.options import log_level
+
+    level = log_level(args)
+    root = logging.getLogger()
+    pipeopt_logger = logging.getLogger("pipeopt")
+    saved = root.level
+    pipeopt_logger.removeHandler(handler)
+    handler.setLevel(level)
+    handler.setFormatter(
+        _CleanFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved)
 
 
 # -- parser ----------------------------------------------------------------------------
@@ -288,7 +330,8 @@ def main(modules: Sequence[Command], argv: Sequence[str]) -> int:
                 _say(clean(exc))
                 return ExitCode.USAGE
             prog = f"pipeopt {args.command}"
-            code: int = args.func(args)
+            with _log_level(args, handler):
+                code: int = args.func(args)
             return code
     except PipeoptError as exc:
         _say(f"{prog}: {clean(exc)}")

@@ -1,6 +1,7 @@
 """``pipeopt graph FILE[:PIPELINE]``: print the graph as Mermaid or Graphviz DOT.
 
-Nodes carry the task's name and its effective criticality. Names come from
+Nodes carry the task's name and its criticality: the effective label, as
+``low → blocker`` when the task inherited it from a task waiting on it. Names come from
 user code, so each is escaped for the target language: a name can neither
 add diagram lines (newlines, ``;``) nor markup (``<img onerror=...>``), and
 node ids are generated (``t0``, ``t1``, ...) so that no two names share one.
@@ -13,6 +14,7 @@ import sys
 
 from pipeopt.cli.app import ExitCode, Parser, clean
 from pipeopt.cli.load import load_pipeline
+from pipeopt.cli.summary import criticality_text
 from pipeopt.graph import Pipeline
 from pipeopt.priority import LABELS
 
@@ -54,7 +56,8 @@ def render_mermaid(pipeline: Pipeline) -> str:
     lines = ["flowchart LR"]
     for i, task in enumerate(compiled.tasks):
         level = LABELS[compiled.levels[i]]
-        lines.append(f'    t{i}["{mermaid_text(task.name)}<br/>{level}"]:::{level}')
+        shown = criticality_text(level, task.level.label)
+        lines.append(f'    t{i}["{mermaid_text(task.name)}<br/>{shown}"]:::{level}')
     for i in range(len(compiled.tasks)):
         lines.extend(f"    t{d} --> t{i}" for d in compiled.dependencies[i])
     lines.extend(f"    classDef {k} stroke:{v},stroke-width:2px" for k, v in _COLOURS.items())
@@ -70,7 +73,7 @@ def render_dot(pipeline: Pipeline) -> str:
         "    node [shape=box];",
     ]
     for i, task in enumerate(compiled.tasks):
-        level = LABELS[compiled.levels[i]]
+        level = criticality_text(LABELS[compiled.levels[i]], task.level.label)
         lines.append(f'    t{i} [label="{dot_text(task.name)}\\n{level}"];')
     for i in range(len(compiled.tasks)):
         lines.extend(f"    t{d} -> t{i};" for d in compiled.dependencies[i])

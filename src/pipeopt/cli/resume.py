@@ -12,12 +12,14 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from pipeopt.cli.app import Parser, add_state_dir_option, clean
+from pipeopt.cli import options
+from pipeopt.cli.app import MAX_WORKERS, Parser, add_state_dir_option, clean
 from pipeopt.cli.history import open_store
 from pipeopt.cli.load import load_pipeline, source_of
 from pipeopt.cli.run import add_run_options, make_optimizer
 from pipeopt.cli.session import add_dashboard_options, run_session
 from pipeopt.errors import PipeoptError, UsageError
+from pipeopt.executors.registry import EXECUTOR_NAMES
 
 if TYPE_CHECKING:
     from pipeopt.result import RunResult
@@ -38,7 +40,9 @@ def register(commands: argparse._SubParsersAction[Parser]) -> None:
         help="the pipeline to run (default: the file the run was started from)",
     )
     parser.add_argument(
-        "--force", action="store_true", help="resume even if the pipeline's structure changed"
+        "--force",
+        action="store_true",
+        help="resume even if the pipeline's structure or a --param changed",
     )
     add_run_options(parser, inherit=True)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -76,8 +80,10 @@ def resume(args: argparse.Namespace) -> int:
             f"{source} holds pipeline {pipeline.name!r}, but run {run.run_id} "
             f"is a run of {run.pipeline!r}; pass its file with --file"
         )
-    workers = args.workers or run.workers
-    with make_optimizer(args, workers=workers, executor=args.executor or run.executor) as optimizer:
+    params = options.run_params(args, pipeline)
+    workers = options.workers(args, MAX_WORKERS) or run.workers
+    executor = options.executor(args, EXECUTOR_NAMES) or run.executor
+    with make_optimizer(args, workers=workers, executor=executor) as optimizer:
 
         def record_source(result: RunResult) -> None:
             # So that this run can be resumed in turn.
@@ -91,7 +97,7 @@ def resume(args: argparse.Namespace) -> int:
         return run_session(
             optimizer,
             args,
-            lambda: optimizer.resume(pipeline, run.run_id, force=args.force),
+            lambda: optimizer.resume(pipeline, run.run_id, force=args.force, params=params or None),
             title=pipeline.name,
             total=len(pipeline),
             after=record_source,

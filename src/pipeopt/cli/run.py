@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from pipeopt.cli import options
 from pipeopt.cli.app import (
     MAX_WORKERS,
     Parser,
@@ -44,18 +45,26 @@ def add_run_options(parser: argparse.ArgumentParser, *, inherit: bool = False) -
         "-w",
         type=int_range(1, MAX_WORKERS),
         default=None,
-        help=default or "task bodies at once (default: min(32, CPUs + 4))",
+        help=(default or "task bodies at once (default: min(32, CPUs + 4))")
+        + f"; ${options.WORKERS_ENV}",
     )
     parser.add_argument(
         "--executor",
         choices=EXECUTOR_NAMES,
-        default=None if inherit else EXECUTOR_NAMES[0],
-        help=default or "where task bodies run (thread)",
+        default=None,
+        help=(default or "where task bodies run (thread)") + f"; ${options.EXECUTOR_ENV}",
     )
     parser.add_argument(
         "--dask-address", default=None, help="tcp://host:port of a dask scheduler (--executor dask)"
     )
-    parser.add_argument("--fail-fast", action="store_true", help="cancel the rest on a failure")
+    parser.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help=f"cancel the rest on a failure; ${options.FAIL_FAST_ENV}",
+    )
+    options.add_param_option(parser)
+    options.add_log_level_option(parser)
+    options.add_setting_options(parser)
 
 
 def make_optimizer(
@@ -74,8 +83,9 @@ def make_optimizer(
         return PipelineOptimizer(
             max_workers=workers,
             executor=create_executor(executor, address=args.dask_address),
-            fail_fast=args.fail_fast,
+            fail_fast=options.fail_fast(args),
             state_dir=state_dir(args),
+            **options.optimizer_settings(args),
         )
     except ImportError as exc:
         raise UsageError(f"--executor {executor}: {exc}") from None
@@ -89,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.pipeline)
     pipeline.validate()
-    with make_optimizer(args, workers=args.workers, executor=args.executor) as optimizer:
+    params = options.run_params(args, pipeline)
+    workers = options.workers(args, MAX_WORKERS)
+    executor = options.executor(args, EXECUTOR_NAMES) or EXECUTOR_NAMES[0]
+    with make_optimizer(args, workers=workers, executor=executor) as optimizer:
         run_id = new_run_id()
         store = optimizer.store
         if store is not None:
@@ -98,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         return run_session(
             optimizer,
             args,
-            lambda: optimizer.run(pipeline, run_id=run_id),
+            lambda: optimizer.run(pipeline, run_id=run_id, params=params),
             title=pipeline.name,
             total=len(pipeline),
         )

@@ -22,41 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 from pipeopt.cli.app import (
     ExitCode,
-    cell,
     console,
     error_text,
     int_range,
     interrupt_code,
     markup,
 )
+from pipeopt.cli.summary import print_summary, results_json
 from pipeopt.errors import RunInterrupted, UsageError
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from pipeopt.optimizer import PipelineOptimizer
     from pipeopt.result import RunResult
 
-SUMMARY_ROWS = 40  # task rows of the summary table; failures first beyond that
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
-_STATE_STYLES = {
-    "succeeded": "green",
-    "cached": "cyan",
-    "failed": "red",
-    "crashed": "red",
-    "skipped": "yellow",
-    "cancelled": "magenta",
-    "running": "blue",
-    "retrying": "yellow",
-}
-
-
-def state_cell(state: str) -> Any:
-    """Return a task or run state as a coloured table cell."""
-    return cell(state, _STATE_STYLES.get(state, ""))
-
-
 # -- the dashboard's options ---------------------------------------------------------
 
 
@@ -241,7 +221,7 @@ def run_session(
         if after is not None:
             after(result)
         if args.json:
-            sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+            sys.stdout.write(json.dumps(results_json(result), indent=2, default=str) + "\n")
         else:
             print_summary(result, console())
         if dashboard is not None and code in (ExitCode.OK, ExitCode.FAILED):
@@ -250,32 +230,3 @@ def run_session(
     finally:
         if dashboard is not None:
             dashboard.stop_in_thread()
-
-
-def print_summary(result: RunResult, out: Console, *, limit: int = SUMMARY_ROWS) -> None:
-    """Print a table of task outcomes (only those that did not succeed, when many)."""
-    from rich.table import Table
-    from rich.text import Text
-
-    outcomes = list(result.tasks.values())
-    if len(outcomes) > limit:
-        notable = [o for o in outcomes if o.state.value not in ("succeeded", "cached")]
-        outcomes = notable[:limit]
-    table = Table(title=cell(f"{result.pipeline} — run {result.run_id}"), title_justify="left")
-    for column in ("task", "criticality", "state", "attempts", "duration", "error"):
-        table.add_column(column, overflow="fold")
-    for o in outcomes:
-        table.add_row(
-            cell(o.name),
-            o.criticality,
-            state_cell(o.state.value),
-            str(o.attempts),
-            f"{o.duration:.3f}s" if o.duration is not None else "-",
-            cell(error_text(o.error)[:200] if o.error is not None else ""),
-        )
-    if outcomes:
-        out.print(table)
-    counts = ", ".join(f"{v} {k}" for k, v in result.counts().items() if v)
-    line = Text(result.status.value, style="bold")
-    line.append(f" in {result.wall_time:.2f}s — {counts}")
-    out.print(line)
