@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pipeopt import Pipeline, PipelineTask
+from pipeopt import Pipeline, PipelineTask, TaskContext
 from pipeopt.retry import RetryPolicy
 
 pipeline = Pipeline("example-etl", description="extract, transform and load sample orders")
@@ -30,13 +30,14 @@ def transform(extract_orders: list[dict[str, float]], extract_fx_rates: dict[str
     return sum(o["amount"] for o in extract_orders) / extract_fx_rates["EUR"]
 
 
-_calls = {"n": 0}
-
-
-def _flaky_publish(transform: float) -> str:
-    _calls["n"] += 1
-    if _calls["n"] == 1:
+def _flaky_publish(transform: float, context: TaskContext) -> str:
+    # The first attempt fails: the retry policy runs it again. The attempt
+    # number, not a module global, says which try this is, so the task
+    # behaves the same on every executor (worker processes have their own
+    # globals).
+    if context.attempt == 1:
         raise ConnectionError("report service hiccup")
+    context.logger.info("publishing a total of %.2f", transform)
     return f"total={transform:.2f}"
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeopt.batching import AdaptiveBatcher, FixedBatcher
 from pipeopt.breaker import BreakerState, CircuitBreaker
-from pipeopt.context import ExecutionContext
+from pipeopt.context import ExecutionContext, TaskContext
 from pipeopt.errors import (
     BenchmarkError,
     CircuitOpenError,
@@ -33,6 +33,7 @@ from pipeopt.errors import (
     LoadConflictError,
     MappedItemsFailedError,
     MapSourceError,
+    MissingMainGuardError,
     NotCallableError,
     NotPicklableError,
     ParameterError,
@@ -95,6 +96,7 @@ __all__ = [
     "MapSourceError",
     "MappedItemsFailedError",
     "Missing",
+    "MissingMainGuardError",
     "NotCallableError",
     "NotPicklableError",
     "ParameterError",
@@ -119,6 +121,7 @@ __all__ = [
     "RunStoreError",
     "SelfDependencyError",
     "SinkError",
+    "TaskContext",
     "TaskError",
     "TaskOutcome",
     "TaskSignatureError",

@@ -84,7 +84,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from pipeopt._validate import check_float, check_int
 
@@ -194,7 +194,23 @@ def _window_throughput(samples: collections.deque[_Sample]) -> float | None:
     return sum(s.size for s in samples) / seconds
 
 
-class AdaptiveBatcher:
+class _LockedState:
+    """Pickle a batcher without its lock, so that a copy can start a worker's batching."""
+
+    _lock: threading.Lock
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class AdaptiveBatcher(_LockedState):
     """Choose batch sizes that meet a latency SLO with the most rows per second.
 
     See the module docstring for the model, the policy and its invariants.
@@ -551,7 +567,7 @@ class AdaptiveBatcher:
             self._probe_due = True
 
 
-class FixedBatcher:
+class FixedBatcher(_LockedState):
     """Answer one batch size always; the baseline the adaptive batcher is measured against.
 
     Args:

@@ -1,11 +1,18 @@
-"""The :class:`ExecutionContext` handed to each task attempt.
+"""The context handed to each task attempt: the :class:`TaskContext` protocol and its two forms.
 
 A task asks for it with a parameter named ``context``. It gives the task its
 upstream results, which attempt this is, a logger that names the task and
 attempt, a cancellation flag, custom metrics, and the batching loop:
-``plan_batch(pending)`` asks the task's batcher for the next batch size and
+``plan_batch(pending)`` asks the task's batcher for the next batch size,
 ``record_batch(size, latency)`` feeds the measured latency back, and
 ``write_batches(rows, sink)`` runs that loop into a sink, exactly once.
+
+:class:`TaskContext` names that role. :class:`ExecutionContext` plays it in
+the driver's process (thread, sync and async executors);
+:class:`~pipeopt.executors.remote.RemoteContext` plays it in worker
+processes and on Dask workers, and sends what it records back to the
+driver. Both share :class:`ContextBase`, so a body sees the same behaviour
+wherever it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pipeopt._validate import check_float, check_int
 
@@ -24,14 +31,12 @@ if TYPE_CHECKING:
 _log = logging.getLogger("pipeopt.task")
 
 
-class _TaskLogAdapter(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        extra = self.extra or {}
-        return f"[{extra['task']} #{extra['attempt']}] {msg}", kwargs
+@runtime_checkable
+class TaskContext(Protocol):
+    """What a task attempt can see and report, on every executor.
 
-
-class ExecutionContext:
-    """What a task attempt can see and report.
+    Annotate a body's ``context`` parameter with it; the type checker holds
+    every executor's context to it.
 
     Attributes:
         task: the task's name.
@@ -43,16 +48,67 @@ class ExecutionContext:
         criticality: the task's effective criticality label.
     """
 
+    task: str
+    attempt: int
+    run_id: str
+    lineage_id: str
+    criticality: str
+
+    @property
+    def upstream(self) -> dict[str, Any]:
+        """Return the results of this task's dependencies, by task name."""
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """Return a logger whose records name the task and attempt; they reach the driver."""
+
+    @property
+    def cancelled(self) -> bool:
+        """Return whether the run asked this attempt to stop (timeout or interrupt)."""
+
+    def record_custom_metric(self, name: str, value: float) -> None:
+        """Record a named number for this task (last value wins)."""
+
+    def plan_batch(self, pending: int | None = None) -> int:
+        """Return how many items the next batch should hold."""
+
+    def record_batch(self, size: int, latency: float) -> None:
+        """Feed back one batch: its size and how long it took, in seconds."""
+
+    def write_batches(
+        self,
+        rows: Any,
+        sink: Sink,
+        *,
+        load_id: str | None = None,
+        max_dead_letters: int | float | None = 0.1,
+    ) -> WriteReport:
+        """Write ``rows`` to ``sink`` exactly once, in batches sized by this task's batcher."""
+
+
+class TaskLogAdapter(logging.LoggerAdapter[logging.Logger]):
+    """Prefix each message with ``[task #attempt]``."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        """Return the message with the task and attempt in front."""
+        extra = self.extra or {}
+        return f"[{extra['task']} #{extra['attempt']}] {msg}", kwargs
+
+
+class ContextBase:
+    """The parts of a :class:`TaskContext` that do not depend on where the body runs.
+
+    Subclasses say where the batcher comes from (:meth:`_get_batcher`),
+    what happens after a batch was fed to it (:meth:`_batch_done`), which
+    logger records go to (:meth:`_base_logger`) and whether the attempt
+    was cancelled.
+    """
+
     __slots__ = (
-        "_batch_observer",
-        "_batcher",
-        "_batcher_factory",
-        "_cancelled",
         "_custom",
-        "_dependencies",
         "_loads",
         "_logger",
-        "_results",
+        "_upstream",
         "attempt",
         "criticality",
         "lineage_id",
@@ -64,56 +120,51 @@ class ExecutionContext:
         self,
         task: str,
         *,
-        attempt: int = 1,
-        run_id: str = "",
-        lineage_id: str | None = None,
-        criticality: str = "medium",
-        dependencies: tuple[str, ...] = (),
-        results: Mapping[str, Any] | None = None,
-        batcher: Batcher | None = None,
-        batcher_factory: Callable[[], Batcher] | None = None,
-        custom_metrics: dict[str, float] | None = None,
-        cancelled: threading.Event | None = None,
-        batch_observer: Callable[[str, int, float], None] | None = None,
+        attempt: int,
+        run_id: str,
+        lineage_id: str | None,
+        criticality: str,
+        custom_metrics: dict[str, float] | None,
     ) -> None:
         self.task = task
         self.attempt = attempt
         self.run_id = run_id
         self.lineage_id = lineage_id or run_id
         self.criticality = criticality
-        self._dependencies = dependencies
-        self._results: Mapping[str, Any] = results if results is not None else {}
-        self._batcher = batcher
-        self._batcher_factory = batcher_factory
-        self._custom: dict[str, float] = custom_metrics if custom_metrics is not None else {}
-        self._cancelled = cancelled if cancelled is not None else threading.Event()
-        self._batch_observer = batch_observer
+        self._custom = custom_metrics if custom_metrics is not None else {}
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._loads: dict[str, int] = {}
 
     def __repr__(self) -> str:
-        return f"ExecutionContext(task={self.task!r}, attempt={self.attempt})"
+        return f"{type(self).__name__}(task={self.task!r}, attempt={self.attempt})"
 
     @property
     def upstream(self) -> dict[str, Any]:
         """Return the results of this task's dependencies, by task name."""
-        return {name: self._results[name] for name in self._dependencies}
+        raise NotImplementedError
+
+    @property
+    def cancelled(self) -> bool:
+        """Return whether the run asked this attempt to stop."""
+        raise NotImplementedError
+
+    def _get_batcher(self) -> Batcher:
+        raise NotImplementedError
+
+    def _batch_done(self, size: int, latency: float) -> None:
+        """Note a batch already fed to this context's batcher."""
+
+    def _base_logger(self) -> logging.Logger:
+        return _log
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
         """Return a logger whose records name the task and the attempt."""
         if self._logger is None:
-            self._logger = _TaskLogAdapter(_log, {"task": self.task, "attempt": self.attempt})
+            self._logger = TaskLogAdapter(
+                self._base_logger(), {"task": self.task, "attempt": self.attempt}
+            )
         return self._logger
-
-    @property
-    def cancelled(self) -> bool:
-        """Return whether the run asked this attempt to stop (timeout or interrupt).
-
-        Long-running bodies should check it between units of work: a thread
-        cannot be stopped from outside.
-        """
-        return self._cancelled.is_set()
 
     def record_custom_metric(self, name: str, value: float) -> None:
         """Record a named number for this task (last value wins).
@@ -124,16 +175,6 @@ class ExecutionContext:
         if not isinstance(name, str) or not name:
             raise ValueError(f"metric name must be a non-empty string, got {name!r}")
         self._custom[name] = check_float(f"metric {name!r} value", value)
-
-    def _get_batcher(self) -> Batcher:
-        if self._batcher is None:
-            if self._batcher_factory is not None:
-                self._batcher = self._batcher_factory()
-            else:
-                from pipeopt.batching import AdaptiveBatcher
-
-                self._batcher = AdaptiveBatcher(target_latency=0.1, initial_size=1000)
-        return self._batcher
 
     def plan_batch(self, pending: int | None = None) -> int:
         """Return how many items the next batch should hold.
@@ -150,8 +191,7 @@ class ExecutionContext:
         check_int("size", size, minimum=0)
         check_float("latency", latency, minimum=0.0)
         self._get_batcher().record(size, latency)
-        if self._batch_observer is not None:
-            self._batch_observer(self.task, size, latency)
+        self._batch_done(size, latency)
 
     def load_key(self, sink: Sink) -> str | None:
         """Return the default load key of this attempt's next load into ``sink``.
@@ -195,10 +235,6 @@ class ExecutionContext:
         from pipeopt.sinks import LoadOrigin, WriteAbortedError, WriteCancelledError, write_batches
         from pipeopt.sinks.write import sink_table
 
-        def observe(size: int, latency: float) -> None:
-            if self._batch_observer is not None:
-                self._batch_observer(self.task, size, latency)
-
         key = self.load_key(sink) if load_id is None else None
         table = sink_table(sink)
         self._loads[table] = self._loads.get(table, 0) + 1
@@ -207,11 +243,11 @@ class ExecutionContext:
                 rows,
                 sink,
                 self._get_batcher(),
-                on_batch=observe,
+                on_batch=self._batch_done,
                 load_id=load_id,
                 load_key=key,
                 max_dead_letters=max_dead_letters,
-                cancelled=self._cancelled.is_set,
+                cancelled=lambda: self.cancelled,
                 origin=LoadOrigin(self.run_id, self.task, self.attempt),
             )
         except (WriteAbortedError, WriteCancelledError) as exc:
@@ -227,3 +263,97 @@ class ExecutionContext:
             ("rows_skipped", report.rows_skipped),
         ):
             self._custom[name] = self._custom.get(name, 0.0) + value
+
+
+class ExecutionContext(ContextBase):
+    """The :class:`TaskContext` of an attempt that runs in the driver's process."""
+
+    __slots__ = (
+        "_batch_observer",
+        "_batcher",
+        "_batcher_factory",
+        "_batcher_template",
+        "_cancelled",
+        "_dependencies",
+        "_results",
+    )
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        attempt: int = 1,
+        run_id: str = "",
+        lineage_id: str | None = None,
+        criticality: str = "medium",
+        dependencies: tuple[str, ...] = (),
+        results: Mapping[str, Any] | None = None,
+        batcher: Batcher | None = None,
+        batcher_factory: Callable[[], Batcher] | None = None,
+        batcher_template: Callable[[], Batcher] | None = None,
+        custom_metrics: dict[str, float] | None = None,
+        cancelled: threading.Event | None = None,
+        batch_observer: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        super().__init__(
+            task,
+            attempt=attempt,
+            run_id=run_id,
+            lineage_id=lineage_id,
+            criticality=criticality,
+            custom_metrics=custom_metrics,
+        )
+        self._dependencies = dependencies
+        self._results: Mapping[str, Any] = results if results is not None else {}
+        self._batcher = batcher
+        self._batcher_factory = batcher_factory
+        self._batcher_template = batcher_template
+        self._cancelled = cancelled if cancelled is not None else threading.Event()
+        self._batch_observer = batch_observer
+
+    @property
+    def upstream(self) -> dict[str, Any]:
+        """Return the results of this task's dependencies, by task name."""
+        return {name: self._results[name] for name in self._dependencies}
+
+    @property
+    def cancelled(self) -> bool:
+        """Return whether the run asked this attempt to stop (timeout or interrupt).
+
+        Long-running bodies should check it between units of work: a thread
+        cannot be stopped from outside.
+        """
+        return self._cancelled.is_set()
+
+    def _get_batcher(self) -> Batcher:
+        if self._batcher is None:
+            if self._batcher_factory is not None:
+                self._batcher = self._batcher_factory()
+            else:
+                self._batcher = _default_batcher()
+        return self._batcher
+
+    def batcher_for_remote(self) -> Batcher:
+        """Return the batcher a copy of which an attempt in another process starts from.
+
+        The task's batcher when it has one; otherwise a fresh one made like
+        it, without registering it for the run (so that tasks that never
+        batch do not show up with a batcher).
+        """
+        if self._batcher is not None:
+            return self._batcher
+        if self._batcher_template is not None:
+            return self._batcher_template()
+        if self._batcher_factory is not None:
+            return self._get_batcher()
+        return _default_batcher()
+
+    def _batch_done(self, size: int, latency: float) -> None:
+        if self._batch_observer is not None:
+            self._batch_observer(self.task, size, latency)
+
+
+def _default_batcher() -> Batcher:
+    from pipeopt.batching import AdaptiveBatcher
+
+    return AdaptiveBatcher(target_latency=0.1, initial_size=1000)

@@ -13,7 +13,8 @@ either::
     │   ├── UnknownCriticalityError(ValueError) .value, .choices
     │   ├── NotCallableError(TypeError)     .task
     │   ├── PipelineRunningError(RuntimeError) .pipeline
-    │   ├── NotPicklableError(TypeError)    .task (process executor)
+    │   ├── NotPicklableError(TypeError)    .task, .reason (process and Dask executors)
+    │   ├── MissingMainGuardError(RuntimeError) .script (process executor)
     │   ├── TaskSignatureError(TypeError)   .task, .parameter
     │   ├── ParameterError(ValueError)      .name, .suggestion: a bad run parameter
     │   └── PipelineLoadError(ValueError)   a FILE[:PIPELINE] that does not load
@@ -155,13 +156,30 @@ class PipelineRunningError(PipelineError, RuntimeError):
 
 
 class NotPicklableError(PipelineError, TypeError):
-    """A task cannot be sent to a process or a remote worker."""
+    """A task cannot be sent to a worker process or a Dask worker.
+
+    ``reason`` says which object the task uses that cannot be pickled.
+    """
 
     def __init__(self, task: str, reason: str) -> None:
         self.task = task
+        self.reason = reason
         super().__init__(
-            f"task {task!r} cannot be pickled for another process ({reason}); "
-            "define its function at module level, not as a lambda or closure"
+            f"task {task!r} cannot be sent to another process: {reason}; create such "
+            "objects inside the task body (pass a path or settings instead), or run it "
+            "with executor='thread'"
+        )
+
+
+class MissingMainGuardError(PipelineError, RuntimeError):
+    """A script runs a pipeline when imported, so worker processes cannot start."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+        super().__init__(
+            f"{script} runs its pipeline when it is imported, and worker processes of the "
+            "process executor import it: put the code that runs the pipeline under "
+            '`if __name__ == "__main__":`'
         )
 
 

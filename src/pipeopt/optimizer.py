@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeopt._validate import check_float, check_int
 from pipeopt.errors import ParameterError, PipelineRunningError, RunInterrupted, RunStoreError
-from pipeopt.executors.base import Executor
+from pipeopt.executors.base import Executor, exit_if_importing_main
 from pipeopt.executors.registry import create_executor
 from pipeopt.logs import capture as log_capture
 from pipeopt.metrics import OptimizerMetrics
@@ -342,6 +342,7 @@ class PipelineOptimizer:
             ParameterError: a parameter is not declared or its value's type
                 does not match its default's.
         """
+        exit_if_importing_main()
         with self._lock:
             if self._busy is not None:
                 raise PipelineRunningError(

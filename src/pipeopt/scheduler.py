@@ -1254,6 +1254,10 @@ class RunLoop:
                 found = hooks.batchers[name] = hooks.batcher_factory(name)
             return found
 
+        def template() -> Batcher:
+            found = hooks.batchers.get(name)
+            return found if found is not None else hooks.batcher_factory(name)
+
         return ExecutionContext(
             core.names[i],
             attempt=attempt.number,
@@ -1263,6 +1267,7 @@ class RunLoop:
             dependencies=task.dependency_names,
             results=core.inputs(i) if core.special[i] else core.results,
             batcher_factory=batcher,
+            batcher_template=template,
             custom_metrics=core.outcomes[i].custom_metrics,
             cancelled=attempt.cancel_event(),
             batch_observer=hooks.batch_observer,

@@ -1,9 +1,11 @@
 """One conformance suite that every executor must pass, like dask's ``GetFunctionTestMixin``.
 
 Each test runs against ``thread``, ``sync``, ``process``, ``async`` and ``dask``
-(an in-process ``LocalCluster`` shared by the module). Bodies are
-module-level functions (bound with :func:`functools.partial`) so that they
-pickle for worker processes and Dask. "Exactly once" is checked with a
+(an in-process ``LocalCluster`` shared by the module). Bodies type their
+``context`` as :class:`~pipeopt.TaskContext`, and one test uses every member
+of it on every executor. Tasks are written every way users write them:
+module-level functions bound with :func:`functools.partial`, decorated
+functions, closures and lambdas made in a loop. "Exactly once" is checked with a
 ledger file that each body appends its task name to, which works across
 processes; "after its dependencies" is checked through the results: each
 body returns its own name plus every name its upstream results carry, which
@@ -22,6 +24,7 @@ import functools
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -39,6 +42,7 @@ from pipeopt import (
     PipelineTask,
     RunResult,
     RunStatus,
+    TaskContext,
     TaskState,
     TaskTimeoutError,
     UpstreamFailedError,
@@ -67,34 +71,34 @@ def _append(ledger: str, name: str) -> None:
         os.close(fd)
 
 
-def _lineage(context: Any, upstream: dict[str, Any]) -> list[str]:
+def _lineage(context: TaskContext, upstream: dict[str, Any]) -> list[str]:
     seen = {context.task}
     for value in upstream.values():
         seen.update(value)
     return sorted(seen)
 
 
-def trace(context: Any, ledger: str = "", **upstream: Any) -> list[str]:
+def trace(context: TaskContext, ledger: str = "", **upstream: Any) -> list[str]:
     """Record the run in the ledger; return the names of this task and all its ancestors."""
     _append(ledger, context.task)
     return _lineage(context, upstream)
 
 
-async def trace_async(context: Any, ledger: str = "", **upstream: Any) -> list[str]:
+async def trace_async(context: TaskContext, ledger: str = "", **upstream: Any) -> list[str]:
     """``trace`` as a coroutine."""
     await asyncio.sleep(0)
     _append(ledger, context.task)
     return _lineage(context, upstream)
 
 
-def trace_generator(context: Any, ledger: str = "", **upstream: Any) -> Iterator[str]:
+def trace_generator(context: TaskContext, ledger: str = "", **upstream: Any) -> Iterator[str]:
     """``trace`` as a generator: the names are streamed and collected into a list."""
     _append(ledger, context.task)
     yield from _lineage(context, upstream)
 
 
 async def trace_async_generator(
-    context: Any, ledger: str = "", **upstream: Any
+    context: TaskContext, ledger: str = "", **upstream: Any
 ) -> AsyncIterator[str]:
     """``trace`` as an async generator."""
     _append(ledger, context.task)
@@ -103,13 +107,13 @@ async def trace_async_generator(
         yield name
 
 
-def explode(context: Any, ledger: str = "", **upstream: Any) -> None:
+def explode(context: TaskContext, ledger: str = "", **upstream: Any) -> None:
     """Fail with an error whose type and message the run must keep."""
     _append(ledger, context.task)
     raise ValueError(f"bad row 7 in {context.task}")
 
 
-def flaky(context: Any, ledger: str = "", **upstream: Any) -> str:
+def flaky(context: TaskContext, ledger: str = "", **upstream: Any) -> str:
     """Fail the first attempt with a transient error, succeed on the next."""
     _append(ledger, f"{context.task}#{context.attempt}")
     if context.attempt == 1:
@@ -117,7 +121,7 @@ def flaky(context: Any, ledger: str = "", **upstream: Any) -> str:
     return f"ok on attempt {context.attempt}"
 
 
-def stall(context: Any, ledger: str = "", pid_file: str = "") -> str:
+def stall(context: TaskContext, ledger: str = "", pid_file: str = "") -> str:
     """Run for 30 s unless released: only a timeout can end it in time."""
     if pid_file:
         Path(pid_file).write_text(str(os.getpid()))
@@ -126,7 +130,7 @@ def stall(context: Any, ledger: str = "", pid_file: str = "") -> str:
     return "finished"
 
 
-def measure(context: Any, ledger: str = "") -> int:
+def measure(context: TaskContext, ledger: str = "") -> int:
     """Report custom metrics and a batch through the context."""
     _append(ledger, context.task)
     context.record_custom_metric("rows", 42)
@@ -135,7 +139,7 @@ def measure(context: Any, ledger: str = "") -> int:
     return 42
 
 
-def crash_once(context: Any, ledger: str = "", how: str = "exit") -> str:
+def crash_once(context: TaskContext, ledger: str = "", how: str = "exit") -> str:
     """Kill the worker process on the first attempt, succeed on the next."""
     _append(ledger, f"{context.task}#{context.attempt}")
     if context.attempt == 1:
@@ -145,7 +149,7 @@ def crash_once(context: Any, ledger: str = "", how: str = "exit") -> str:
     return f"survived on attempt {context.attempt}"
 
 
-async def cancellable(context: Any, ledger: str = "", marker: str = "") -> str:
+async def cancellable(context: TaskContext, ledger: str = "", marker: str = "") -> str:
     """Sleep 30 s; note a real cancellation in ``marker``."""
     _append(ledger, context.task)
     try:
@@ -162,7 +166,7 @@ _peak = 0
 _gauge = threading.Lock()
 
 
-async def overlap(context: Any, ledger: str = "") -> int:
+async def overlap(context: TaskContext, ledger: str = "") -> int:
     """Track how many coroutines run at once, and on which loops."""
     global _active, _peak
     _loops.add(id(asyncio.get_running_loop()))
@@ -176,6 +180,87 @@ async def overlap(context: Any, ledger: str = "") -> int:
             _active -= 1
     _append(ledger, context.task)
     return _peak
+
+
+def use_everything(context: TaskContext, db: str = "", **upstream: Any) -> dict[str, Any]:
+    """Use every member of the context and report what it saw."""
+    from pipeopt.sinks import SQLiteSink
+
+    assert isinstance(context, TaskContext)
+    context.logger.info("hello from %s", context.task)
+    context.record_custom_metric("seen", len(context.upstream))
+    planned = context.plan_batch(7)
+    context.record_batch(planned, 0.004)
+    with SQLiteSink(db, "items", columns=["id", "name"], create=True) as sink:
+        report = context.write_batches(({"id": k, "name": f"n{k}"} for k in range(25)), sink)
+    return {
+        "upstream": context.upstream,
+        "planned": planned,
+        "written": report.rows_written,
+        "cancelled": context.cancelled,
+        "identity": [context.task, context.attempt, context.run_id, context.criticality],
+    }
+
+
+def wait_for_cancel(context: TaskContext, marker: str = "") -> str:
+    """Work in small steps until the run cancels the attempt, then say so in ``marker``."""
+    Path(marker).write_text("started")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if context.cancelled:
+            Path(marker).write_text("saw cancelled")
+            return "stopped"
+        time.sleep(0.01)
+    return "never cancelled"
+
+
+# Decorated module-level functions: each name is bound to a PipelineTask, not a function.
+DECORATED = Pipeline("decorated")
+
+
+@DECORATED.task(criticality="critical")
+def numbers() -> list[int]:
+    """Return a few numbers."""
+    return [1, 2, 3, 4]
+
+
+@DECORATED.task(dependencies=[numbers])
+def squares(numbers: list[int], context: TaskContext) -> list[int]:
+    """Square them, logging through the context."""
+    context.logger.info("squaring %d numbers", len(numbers))
+    return [n * n for n in numbers]
+
+
+@DECORATED.task(dependencies=[squares])
+async def total(squares: list[int]) -> int:
+    """Add them up in a coroutine."""
+    await asyncio.sleep(0)
+    return sum(squares)
+
+
+def _scale(value: int, factor: int) -> int:
+    return value * factor
+
+
+def fan_out(n: int) -> Pipeline:
+    """Tasks made in a loop: closures, lambdas and partials, joined by a closure."""
+    pipeline = Pipeline("fan-out")
+    offset = 100
+    for k in range(n):
+
+        def closure(k: int = k) -> int:
+            return k + offset
+
+        pipeline.add(PipelineTask(f"closure{k}", closure))
+        pipeline.add(PipelineTask(f"lambda{k}", lambda k=k: k * k))
+        pipeline.add(PipelineTask(f"partial{k}", functools.partial(_scale, k, factor=3)))
+    names = list(pipeline.tasks)
+
+    def join(**upstream: int) -> int:
+        return sum(upstream.values())
+
+    pipeline.add(PipelineTask("join", join, dependencies=names))
+    return pipeline
 
 
 # -- fixtures --------------------------------------------------------------------
@@ -421,6 +506,89 @@ def test_metrics_reach_the_registry(make_executor: Callable[[], Executor], ledge
     assert get("pipeline_runs_total", {"pipeline": "metrics", "status": "failed"}) == 1
 
 
+def test_every_context_member_works(
+    make_executor: Callable[[], Executor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    db = tmp_path / "items.db"
+    p = Pipeline("context")
+    p.add(PipelineTask("source", lambda: [1, 2]))
+    p.add(
+        PipelineTask("use", functools.partial(use_everything, db=str(db)), dependencies=["source"])
+    )
+    optimizer = PipelineOptimizer(max_workers=2, executor=make_executor(), registry=registry)
+    with caplog.at_level("INFO", logger="pipeopt.task"):
+        result = optimizer.run(p)
+    assert result.status is RunStatus.SUCCEEDED, result.tasks["use"].error
+    seen = result.results["use"]
+    assert seen["upstream"] == {"source": [1, 2]}
+    assert seen["identity"] == ["use", 1, result.run_id, "medium"]
+    assert seen["planned"] == 7
+    assert seen["written"] == 25
+    assert seen["cancelled"] is False
+    # Log records reach the driver's logging, naming the task and attempt.
+    assert "[use #1] hello from use" in [r.getMessage() for r in caplog.records]
+    assert any("[use #1] hello from use" in line for line in result.tasks["use"].logs)
+    # Custom metrics and the batches reach the driver's result, metrics and batcher.
+    metrics = result.tasks["use"].custom_metrics
+    assert metrics["seen"] == 1
+    assert metrics["rows_written"] == 25
+    get = registry.get_sample_value
+    used = {"pipeline": "context", "group": "medium", "task": "use"}
+    assert get("pipeline_task_custom_metric", {**used, "name": "rows_written"}) == 25
+    batches = get("pipeline_batch_latency_seconds_count", used)
+    assert batches is not None
+    assert batches >= 2  # the recorded batch and at least one written batch
+    assert optimizer.batchers_of_last_run()["use"].statistics().batches == batches
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (25,)
+
+
+# The sync executor judges a timeout when the body returns: nothing to see while it runs.
+@pytest.mark.parametrize(
+    "executor_name",
+    [
+        pytest.param(n, marks=pytest.mark.dask) if n == "dask" else n
+        for n in EXECUTORS
+        if n != "sync"
+    ],
+    indirect=True,
+)
+def test_a_running_body_sees_cancelled(
+    make_executor: Callable[[], Executor], tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    p = Pipeline("cancelled")
+    p.add(PipelineTask("waits", functools.partial(wait_for_cancel, marker=str(marker)), timeout=3))
+    result = run(make_executor, p, max_workers=1)
+    assert isinstance(result.tasks["waits"].error, TaskTimeoutError)
+    if not marker.exists():
+        # On a machine too busy to start the body within its timeout, the
+        # attempt was cancelled while queued: there was no body to tell.
+        return
+    deadline = time.monotonic() + 10
+    while marker.read_text() != "saw cancelled" and time.monotonic() < deadline:
+        time.sleep(0.02)  # an abandoned body notices on its own time
+    assert marker.read_text() == "saw cancelled"
+
+
+def test_decorated_module_level_tasks_run(make_executor: Callable[[], Executor]) -> None:
+    result = run(make_executor, DECORATED)
+    assert result.status is RunStatus.SUCCEEDED, {n: o.error for n, o in result.tasks.items()}
+    assert result.results == {"numbers": [1, 2, 3, 4], "squares": [1, 4, 9, 16], "total": 30}
+
+
+def test_closures_lambdas_and_partials_made_in_a_loop_run(
+    make_executor: Callable[[], Executor],
+) -> None:
+    result = run(make_executor, fan_out(4))
+    assert result.status is RunStatus.SUCCEEDED, {n: o.error for n, o in result.tasks.items()}
+    assert result.results["closure3"] == 103
+    assert result.results["lambda3"] == 9
+    assert result.results["partial3"] == 9
+    assert result.results["join"] == sum(k + 100 + k * k + 3 * k for k in range(4))
+
+
 # -- by name ---------------------------------------------------------------------
 
 
@@ -441,14 +609,53 @@ def test_an_unknown_executor_name_lists_the_choices() -> None:
 # -- process executor ------------------------------------------------------------
 
 
-def test_process_executor_rejects_a_lambda_before_anything_runs(ledger: Path) -> None:
-    p = Pipeline("lambda")
-    p.add(PipelineTask("fine", functools.partial(trace, ledger=str(ledger))))
-    p.add(PipelineTask("inline", lambda: 1))
-    with pytest.raises(NotPicklableError, match=r"task 'inline'.*module level") as caught:
-        PipelineOptimizer(max_workers=2, executor=process_executor()).run(p)
-    assert caught.value.task == "inline"
-    assert entries(ledger) == []
+@pytest.mark.parametrize("remote", ["process", pytest.param("dask", marks=pytest.mark.dask)])
+@pytest.mark.parametrize("what", ["lock", "connection", "file"])
+def test_what_cannot_cross_is_named_before_anything_runs(
+    request: pytest.FixtureRequest, ledger: Path, tmp_path: Path, remote: str, what: str
+) -> None:
+    if remote == "dask":
+        from pipeopt.executors import DaskExecutor
+
+        executor: Executor = DaskExecutor(client=request.getfixturevalue("dask_client"))
+    else:
+        executor = process_executor()
+    held: Any
+    if what == "lock":
+        held = threading.Lock()
+    elif what == "connection":
+        held = sqlite3.connect(tmp_path / "held.db", check_same_thread=False)
+    else:
+        held = (tmp_path / "held.txt").open("w")
+    try:
+
+        def uses_it() -> str:
+            return repr(held)
+
+        p = Pipeline("captures")
+        p.add(PipelineTask("fine", functools.partial(trace, ledger=str(ledger))))
+        p.add(PipelineTask("holder", uses_it))
+        with pytest.raises(NotPicklableError) as caught:
+            PipelineOptimizer(max_workers=2, executor=executor).run(p)
+    finally:
+        if what != "lock":
+            held.close()
+    assert caught.value.task == "holder"
+    message = str(caught.value)
+    assert "variable 'held' captured by" in message
+    assert type(held).__name__ in message
+    assert "inside the task body" in message
+    assert entries(ledger) == []  # nothing ran
+
+
+def test_process_workers_default_to_the_cpus_available_to_the_process() -> None:
+    executor = process_executor()
+    executor.start(len(os.sched_getaffinity(0)) + 4)  # more slots than CPUs
+    try:
+        pool = executor._pool  # type: ignore[attr-defined]
+        assert len(pool._workers) == len(os.sched_getaffinity(0))
+    finally:
+        executor.shutdown()
 
 
 @pytest.mark.parametrize("how", ["exit", "segfault"])

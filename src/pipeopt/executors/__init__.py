@@ -22,13 +22,14 @@ from pipeopt.executors.registry import EXECUTOR_NAMES, create_executor, executor
 if TYPE_CHECKING:
     from pipeopt.executors.aio import AsyncExecutor
     from pipeopt.executors.dask import DaskExecutor
-    from pipeopt.executors.process import ProcessExecutor, RemoteContext
+    from pipeopt.executors.process import ProcessExecutor
+    from pipeopt.executors.remote import RemoteContext
 
 _LAZY = {
     "AsyncExecutor": "pipeopt.executors.aio",
     "DaskExecutor": "pipeopt.executors.dask",
     "ProcessExecutor": "pipeopt.executors.process",
-    "RemoteContext": "pipeopt.executors.process",
+    "RemoteContext": "pipeopt.executors.remote",
 }
 
 

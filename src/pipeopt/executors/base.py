@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,6 +27,27 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from pipeopt.context import ExecutionContext
     from pipeopt.graph import BodyKind
+
+
+WORKER_NAME = "pipeopt-worker"
+MAIN_GUARD_EXIT = 86  # the exit code of a worker that found the driver's script running a pipeline
+
+
+def exit_if_importing_main() -> None:
+    """Exit at once in a pipeopt worker process that is still importing the driver's script.
+
+    Worker processes import the driver's ``__main__`` script before they
+    serve attempts. A script without an ``if __name__ == "__main__":``
+    guard would start a run from there; the worker exits with
+    ``MAIN_GUARD_EXIT`` instead, and the driver turns that into one clear
+    :class:`~pipeopt.errors.MissingMainGuardError`.
+    """
+    process = sys.modules.get("multiprocessing.process")
+    if process is None:
+        return
+    current = process.current_process()
+    if getattr(current, "_inheriting", False) and current.name == WORKER_NAME:
+        os._exit(MAIN_GUARD_EXIT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 Policy
     The scheduler, retries, circuit breakers and metrics stay in the
     driver; Dask only runs bodies. Each attempt becomes one
-    ``client.submit(run_remote, call, context, key=..., priority=...,
+    ``client.submit(run_on_dask, call, context, key=..., priority=...,
     pure=False)``: the key names the task and attempt (``extract-1-<uuid>``,
     so the Dask dashboard reads like the pipeline), and the criticality maps
     to Dask's ``priority=`` (blocker 5 ... deferred 0: higher runs first on
@@ -31,10 +31,20 @@ Data movement
     ``dask.array``, which runs on the same cluster (``distributed.get_client()``
     inside the body) and returns only a summary.
 
+Shipping
+    Task functions that Dask workers cannot import (decorated functions,
+    closures, lambdas, functions of the driver's ``__main__`` or of a file
+    loaded by ``pipeopt run``) travel by value, see
+    :mod:`pipeopt.executors.shipping`; :meth:`DaskExecutor.check_pipeline`
+    names, before the run, a task that uses something that cannot be pickled.
+
 Context
-    Bodies get a picklable :class:`~pipeopt.executors.process.RemoteContext`
-    (task, attempt, run id, criticality, upstream results, custom metrics,
-    batches); what it records is replayed into the driver's context.
+    Bodies get a :class:`~pipeopt.executors.remote.RemoteContext`, the same
+    :class:`~pipeopt.context.TaskContext` as on threads; its log records,
+    custom metrics and batches come back with the outcome and are replayed
+    into the driver's logging and context. ``context.cancelled`` reads the
+    attempt's state on its worker: it turns true once the driver cancelled
+    the Dask future.
 
 Timeouts and cancellation
     ``cancel(future)`` cancels the Dask future: an attempt still queued on
@@ -58,18 +68,23 @@ import uuid
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
-from pipeopt.executors.process import AttemptFuture, RemoteContext, run_remote
+from pipeopt.executors.process import AttemptFuture
+from pipeopt.executors.remote import RemoteContext, RemoteOutcome, run_remote
+from pipeopt.executors.shipping import Shipper
 from pipeopt.priority import LABELS
 
 if TYPE_CHECKING:
     from pipeopt.context import ExecutionContext
     from pipeopt.executors.base import TaskCall
+    from pipeopt.graph import CompiledPipeline
 
-__all__ = ["DaskAttempt", "DaskExecutor"]
+__all__ = ["DaskAttempt", "DaskExecutor", "run_on_dask"]
 
 _INSTALL_HINT = "the dask executor needs dask.distributed: pip install 'pipeopt[dask]'"
 _MOST_URGENT_PRIORITY = len(LABELS) - 1
 _LOOPBACK_ANY_PORT = "127.0.0.1:0"
+# States of a worker's task that mean its client no longer wants it.
+_ABANDONED = frozenset({"cancelled", "released", "forgotten"})
 
 
 def _distributed() -> Any:
@@ -79,6 +94,24 @@ def _distributed() -> Any:
     except ImportError as exc:
         raise ImportError(_INSTALL_HINT) from exc
     return distributed
+
+
+def run_on_dask(call: TaskCall, context: RemoteContext | None) -> RemoteOutcome:
+    """Run one attempt on a Dask worker; ``context.cancelled`` follows the task's state there."""
+    if context is not None:
+        try:
+            worker = _distributed().get_worker()
+            key = worker.get_current_task()
+        except ValueError:  # not on a worker (a test calling this directly)
+            pass
+        else:
+
+            def cancelled() -> bool:
+                state = worker.state.tasks.get(key)
+                return state is None or state.state in _ABANDONED
+
+            context.install(cancelled=cancelled)
+    return run_remote(call, context)
 
 
 class DaskAttempt(AttemptFuture):
@@ -191,6 +224,7 @@ class DaskExecutor:
         self._cluster: Any = None
         self._lock = threading.Lock()
         self._inflight: set[DaskAttempt] = set()
+        self._shipper = Shipper(main_importable=False)
 
     @property
     def client(self) -> Any:
@@ -231,18 +265,29 @@ class DaskExecutor:
             raise
         self._cluster = cluster
 
+    def check_pipeline(self, compiled: CompiledPipeline) -> None:
+        """Check, before the run, that every task can be sent to a Dask worker.
+
+        Raises:
+            NotPicklableError: a task uses an object that cannot be pickled;
+                names the task and the object.
+        """
+        self._shipper.prepare(compiled)
+
     def submit(self, call: TaskCall, context: ExecutionContext) -> Future[Any]:
         """Submit one attempt to the cluster and return a future of its result.
 
         Raises:
+            NotPicklableError: the task's function cannot be pickled.
             RuntimeError: the executor is not started.
         """
         client = self._client
         if client is None:
             raise RuntimeError("the dask executor is not started; call start(max_workers)")
+        call = self._shipper.ship(call)
         remote = RemoteContext.from_context(context) if call.wants_context else None
         dask_future = client.submit(
-            run_remote,
+            run_on_dask,
             call,
             remote,
             key=f"{call.task}-{call.attempt}-{uuid.uuid4().hex}",

@@ -1,31 +1,43 @@
 """Run task bodies in worker processes, for CPU-bound work (``executor="process"``).
 
 Policy
-    :class:`ProcessExecutor` keeps one worker process per worker slot of the
-    run (``max_workers``), started from a clean interpreter (``forkserver``
-    where the platform has it, ``spawn`` elsewhere; never a bare ``fork`` of
-    a driver that runs threads). Each process runs one attempt at a time: the
-    driver pickles the :class:`~pipeopt.executors.base.TaskCall` (function by
-    reference, arguments by value) in the submitting thread, a proxy thread
-    per process sends it and waits for the pickled outcome, and the outcome's
-    value or exception settles the attempt's future.
+    :class:`ProcessExecutor` keeps a fixed set of worker processes, by
+    default one per CPU this process may run on, started from a clean
+    interpreter (``forkserver`` where the platform has it, ``spawn``
+    elsewhere; never a bare ``fork`` of a driver that runs threads). Each
+    process runs one attempt at a time: the driver pickles the
+    :class:`~pipeopt.executors.base.TaskCall` in the submitting thread, a
+    proxy thread per process sends it and waits for the pickled outcome,
+    and the outcome's value or exception settles the attempt's future.
+
+Shipping
+    Task functions travel by reference when the workers can import them and
+    by value (cloudpickle) otherwise, see :mod:`pipeopt.executors.shipping`:
+    decorated functions, closures, lambdas, partials and the functions of a
+    file loaded by ``pipeopt run`` all run. What cannot be pickled at all is
+    reported by :meth:`ProcessExecutor.check_pipeline` before the run.
+    Workers import the driver's ``__main__`` script, as every
+    ``multiprocessing`` worker does; a script that runs its pipeline when
+    imported is refused before the run with
+    :class:`~pipeopt.errors.MissingMainGuardError`.
 
 Context
-    The :class:`~pipeopt.context.ExecutionContext` holds locks and the
-    driver's batchers and cannot cross a process boundary; a body that takes
-    ``context`` gets a :class:`RemoteContext` instead (task, attempt, run id,
-    criticality, upstream results, a logger, ``record_custom_metric``,
-    ``record_batch``). What it records travels back with the outcome and is
-    replayed into the real context in the driver, success or failure.
+    A body that takes ``context`` gets a
+    :class:`~pipeopt.executors.remote.RemoteContext`, the same
+    :class:`~pipeopt.context.TaskContext` as on threads. Its log records
+    reach the driver's logging as they are made (over the worker's pipe);
+    custom metrics and batches travel back with the outcome and are
+    replayed into the driver's context, success or failure.
 
 Timeouts and cancellation
-    ``cancel(future)`` on a queued attempt drops it; on a running attempt it
-    terminates the worker process running it (``SIGTERM``, then ``SIGKILL``
-    after ``terminate_grace`` seconds) and starts a fresh process in its
-    place, so a timed-out body really stops and its slot is whole again. A
-    body in a worker process never sees ``context.cancelled`` become true: it
-    is stopped instead. The attempt's future is then cancelled; the run
-    loop, which asked for it, records the verdict (timed out or cancelled).
+    ``cancel(future)`` on a queued attempt drops it. On a running attempt it
+    settles the future at once (cancelled: the run loop, which asked for
+    it, has already recorded its verdict, timed out or cancelled) and raises
+    the worker's cancel flag, which the body sees as ``context.cancelled``;
+    a body that has not returned ``cancel_grace`` seconds later is
+    terminated (``SIGTERM``, then ``SIGKILL`` after ``terminate_grace``
+    seconds) and a fresh process takes its slot, so a timed-out body really
+    stops and its slot is whole again.
 
 Crashes
     A worker process that dies while running an attempt (``os._exit``, a
@@ -46,9 +58,10 @@ Invariants
 from __future__ import annotations
 
 import contextlib
-import inspect
+import contextvars
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -56,24 +69,33 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
+
 from pipeopt._validate import check_float, check_int
-from pipeopt.errors import (
-    NotPicklableError,
-    RemoteTaskError,
-    RemoteTraceback,
-    WorkerCrashedError,
+from pipeopt.errors import MissingMainGuardError, WorkerCrashedError
+from pipeopt.executors.base import MAIN_GUARD_EXIT, WORKER_NAME
+from pipeopt.executors.remote import (
+    PICKLE_PROTOCOL,
+    RemoteContext,
+    RemoteOutcome,
+    _portable,
+    deliver_record,
+    dump_outcome,
+    dumps,
+    run_remote,
 )
-from pipeopt.executors.base import close_thread_loop, resolve_output
+from pipeopt.executors.shipping import Shipper
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
+    from multiprocessing.sharedctypes import Synchronized
 
     from pipeopt.context import ExecutionContext
     from pipeopt.executors.base import TaskCall
@@ -84,227 +106,42 @@ __all__ = [
     "ProcessExecutor",
     "RemoteContext",
     "RemoteOutcome",
+    "available_cpus",
     "run_remote",
 ]
 
-_log = logging.getLogger("pipeopt.task")
 _START_METHODS = ("forkserver", "spawn")
-_PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
-_ASYNC_KINDS = ("coroutine", "async_generator")
 _SHUTDOWN_SLACK = 5.0  # seconds beyond terminate_grace that shutdown() waits for its threads
+_READY_WAIT = 60.0  # seconds a first worker may take to start before the run goes on
+# One-byte tags of the worker's messages to the driver.
+_READY, _RECORD, _OUTCOME = b"R", b"L", b"O"
 
 
-class RemoteContext:
-    """A picklable stand-in for :class:`~pipeopt.context.ExecutionContext` in another process.
-
-    Custom metrics and batches recorded here are sent back with the outcome
-    and replayed into the driver's context. ``plan_batch`` answers a fixed
-    size: the adaptive batcher lives in the driver.
-
-    Attributes:
-        task: the task's name.
-        attempt: which attempt this is, 1 for the first try.
-        run_id: the id of the run.
-        criticality: the task's effective criticality label.
-    """
-
-    __slots__ = (
-        "_batch_size",
-        "_logger",
-        "attempt",
-        "batches",
-        "criticality",
-        "custom_metrics",
-        "run_id",
-        "task",
-        "upstream",
-    )
-
-    def __init__(
-        self,
-        task: str,
-        *,
-        attempt: int = 1,
-        run_id: str = "",
-        criticality: str = "medium",
-        upstream: Mapping[str, Any] | None = None,
-        batch_size: int = 1000,
-    ) -> None:
-        self.task = task
-        self.attempt = attempt
-        self.run_id = run_id
-        self.criticality = criticality
-        self.upstream: dict[str, Any] = dict(upstream or {})
-        self.custom_metrics: dict[str, float] = {}
-        self.batches: list[tuple[int, float]] = []
-        self._batch_size = check_int("batch_size", batch_size, minimum=1)
-        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
-
-    @classmethod
-    def from_context(cls, context: ExecutionContext) -> RemoteContext:
-        """Return a stand-in carrying what ``context`` shows a body."""
-        return cls(
-            context.task,
-            attempt=context.attempt,
-            run_id=context.run_id,
-            criticality=context.criticality,
-            upstream=context.upstream,
-        )
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return (
-            self.task,
-            self.attempt,
-            self.run_id,
-            self.criticality,
-            self.upstream,
-            self.custom_metrics,
-            self.batches,
-            self._batch_size,
-        )
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        (
-            self.task,
-            self.attempt,
-            self.run_id,
-            self.criticality,
-            self.upstream,
-            self.custom_metrics,
-            self.batches,
-            self._batch_size,
-        ) = state
-        self._logger = None
-
-    def __repr__(self) -> str:
-        return f"RemoteContext(task={self.task!r}, attempt={self.attempt})"
-
-    @property
-    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """Return a logger of the worker process whose records name the task and attempt."""
-        if self._logger is None:
-            self._logger = _RemoteLogAdapter(_log, {"task": self.task, "attempt": self.attempt})
-        return self._logger
-
-    @property
-    def cancelled(self) -> bool:
-        """Return ``False``: a cancelled attempt's process is terminated, not asked to stop."""
-        return False
-
-    def record_custom_metric(self, name: str, value: float) -> None:
-        """Record a named number for this task (last value wins); the driver gets it back."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"metric name must be a non-empty string, got {name!r}")
-        self.custom_metrics[name] = check_float(f"metric {name!r} value", value)
-
-    def plan_batch(self, pending: int | None = None) -> int:
-        """Return the fixed batch size, never more than ``pending``."""
-        if pending is not None:
-            check_int("pending", pending, minimum=0)
-            return min(self._batch_size, pending)
-        return self._batch_size
-
-    def record_batch(self, size: int, latency: float) -> None:
-        """Record one batch; the driver feeds it to the task's batcher after the attempt."""
-        check_int("size", size, minimum=0)
-        check_float("latency", latency, minimum=0.0)
-        self.batches.append((size, latency))
-
-
-class _RemoteLogAdapter(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        extra = self.extra or {}
-        return f"[{extra['task']} #{extra['attempt']}] {msg}", kwargs
-
-
-@dataclass(slots=True)
-class RemoteOutcome:
-    """What an attempt in another process sends back: a value or an error, plus metrics."""
-
-    value: Any = None
-    error: BaseException | None = None
-    traceback: str | None = None
-    custom_metrics: dict[str, float] = field(default_factory=dict)
-    batches: list[tuple[int, float]] = field(default_factory=list)
-
-    def replay(self, context: ExecutionContext | None) -> None:
-        """Record the attempt's custom metrics and batches in the driver's ``context``."""
-        if context is None:
-            return
-        for name, value in self.custom_metrics.items():
-            context.record_custom_metric(name, value)
-        for size, latency in self.batches:
-            context.record_batch(size, latency)
-
-    def unwrap(self) -> Any:
-        """Return the value, or raise the error with the remote traceback as its cause."""
-        if self.error is None:
-            return self.value
-        error = self.error
-        if self.traceback is not None:
-            error.__cause__ = RemoteTraceback(self.traceback)
-        raise error
-
-
-def _portable(error: BaseException) -> BaseException:
-    """Return ``error`` if it survives a pickle round trip, else a :class:`RemoteTaskError`."""
+def available_cpus() -> int:
+    """Return how many CPUs this process may run on (its affinity mask), at least 1."""
     try:
-        pickle.loads(pickle.dumps(error, _PICKLE_PROTOCOL))
-    except Exception:
-        return RemoteTaskError(f"{type(error).__qualname__}: {error}")
-    return error
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
-def run_remote(call: TaskCall, context: RemoteContext | None) -> RemoteOutcome:
-    """Run one attempt in a worker (process or Dask) and return its outcome; never raise.
-
-    Generators are drained into a list; coroutines and async generators run
-    on an event loop that is closed again before returning, so worker
-    threads keep no loops alive.
-    """
-    outcome = RemoteOutcome()
-    try:
-        kwargs = call.kwargs
-        if call.wants_context:
-            kwargs = {**kwargs, "context": context}
-        out = call.func(**kwargs)
-        asynchronous = (
-            call.kind in _ASYNC_KINDS or inspect.isawaitable(out) or inspect.isasyncgen(out)
-        )
-        try:
-            outcome.value = resolve_output(out, call.kind, call.timeout)
-        finally:
-            if asynchronous:
-                close_thread_loop()
-    except BaseException as exc:  # the driver decides what to do with any failure
-        outcome.error = _portable(exc)
-        outcome.traceback = traceback.format_exc()
-    if context is not None:
-        outcome.custom_metrics = context.custom_metrics
-        outcome.batches = context.batches
-    return outcome
-
-
-def _outcome_bytes(outcome: RemoteOutcome, task: str) -> bytes:
-    try:
-        return pickle.dumps(outcome, _PICKLE_PROTOCOL)
-    except Exception as exc:
-        failed = RemoteOutcome(
-            error=TypeError(
-                f"task {task!r}: its result cannot be pickled back to the driver "
-                f"({type(exc).__name__}: {exc}); return plain data, or a path to it"
-            ),
-            traceback=traceback.format_exc(),
-            custom_metrics=outcome.custom_metrics,
-            batches=outcome.batches,
-        )
-        return pickle.dumps(failed, _PICKLE_PROTOCOL)
-
-
-def _worker_main(conn: Connection) -> None:
+def _worker_main(conn: Connection, cancel_flag: Synchronized[int]) -> None:
     """Serve attempts from the driver until it closes the pipe (runs in the child)."""
     # Ctrl-C reaches the whole process group; the driver decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sending = threading.Lock()  # a body may log from threads of its own
+
+    def send(tag: bytes, data: bytes) -> None:
+        with sending:
+            conn.send_bytes(tag + data)
+
+    def emit(record: logging.LogRecord) -> None:
+        send(_RECORD, dumps(record))
+
+    def cancelled() -> bool:
+        return bool(cancel_flag.value)
+
+    send(_READY, b"")
     while True:
         try:
             data = conn.recv_bytes()
@@ -316,10 +153,16 @@ def _worker_main(conn: Connection) -> None:
         try:
             call, context = pickle.loads(data)
             task = call.task
+            if context is not None:
+                context.install(cancelled=cancelled, emit=emit)
             outcome = run_remote(call, context)
         except BaseException as exc:
             outcome = RemoteOutcome(error=_portable(exc), traceback=traceback.format_exc())
-        conn.send_bytes(_outcome_bytes(outcome, task))
+        send(_OUTCOME, dump_outcome(outcome, task))
+
+
+def _probe_main() -> None:
+    """Do nothing: a worker that gets here imported the driver's script without running it."""
 
 
 class AttemptFuture(Future[Any]):
@@ -349,6 +192,9 @@ class _Job:
     payload: bytes
     future: AttemptFuture
     context: ExecutionContext | None
+    # The submitting thread's context: log records of the body are delivered
+    # in it, so that the driver's log capture files them under the task.
+    log_context: contextvars.Context
     worker: _Worker | None = None
     cancelled: bool = False
 
@@ -357,15 +203,20 @@ class _Job:
 class _Worker:
     process: BaseProcess
     conn: Connection
+    cancel_flag: Any  # a shared ctypes byte: non-zero asks the running body to stop
+    job: _Job | None = None
     killed: bool = False
 
 
 class _Pool:
     """The processes of one run and the proxy threads that feed them."""
 
-    def __init__(self, ctx: BaseContext, size: int, terminate_grace: float) -> None:
+    def __init__(
+        self, ctx: BaseContext, size: int, terminate_grace: float, cancel_grace: float
+    ) -> None:
         self._ctx = ctx
         self._grace = terminate_grace
+        self._cancel_grace = cancel_grace
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._by_future: dict[Future[Any], _Job] = {}
@@ -382,13 +233,14 @@ class _Pool:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
+        flag = self._ctx.RawValue("b", 0)
         process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_worker_main, args=(child,), name="pipeopt-worker", daemon=True
+            target=_worker_main, args=(child, flag), name=WORKER_NAME, daemon=True
         )
         process.start()
         # Only the child may hold its end: the parent must see EOF when the child dies.
         child.close()
-        return _Worker(process, parent)
+        return _Worker(process, parent, flag)
 
     def submit(self, job: _Job) -> None:
         with self._lock:
@@ -402,12 +254,23 @@ class _Pool:
             job = self._by_future.pop(future, None)
             if job is not None:
                 job.cancelled = True
-                if job.worker is not None:
-                    # Running: the proxy thread settles the future once the process is dead.
-                    self._kill(job.worker)
-                    return True
+                worker = job.worker
+                if worker is not None:
+                    # Running: ask the body to stop, and terminate it if it does not.
+                    worker.cancel_flag.value = 1
+                    if self._cancel_grace > 0:
+                        timer = threading.Timer(self._cancel_grace, self._kill_job, (job, worker))
+                        timer.daemon = True
+                        timer.start()
+                    else:
+                        self._kill(worker)
         # Settled last, so that the thread waiting on it wakes after the caller's bookkeeping.
         return _stop(future)
+
+    def _kill_job(self, job: _Job, worker: _Worker) -> None:
+        with self._lock:
+            if worker.job is job:
+                self._kill(worker)
 
     def _kill(self, worker: _Worker) -> None:
         # Caller holds the lock. The proxy thread notices the death and replaces the process.
@@ -443,16 +306,22 @@ class _Pool:
             if job.cancelled or job.future.done():
                 return
             job.worker = worker
-        data = self._exchange(worker, job.payload)
+            worker.job = job
+            worker.cancel_flag.value = 0
+        data = self._exchange(worker, job)
         with self._lock:
             job.worker = None
+            worker.job = None
             self._by_future.pop(job.future, None)
             killed = worker.killed
+            stopped = _cancelled(job)
         if data is None:
             pid = worker.process.pid
             exitcode = self._retire(slot)
             if killed:
                 job.future.stop()
+            elif exitcode == MAIN_GUARD_EXIT:
+                self._settle(job, error=MissingMainGuardError(_main_script()))
             else:
                 crash = WorkerCrashedError(job.task, job.attempt, pid, exitcode)
                 self._settle(job, error=crash)
@@ -460,6 +329,9 @@ class _Pool:
                 closing = self._closing
             if not closing:  # a fresh process now, so that a retry does not wait for one
                 self._replace(slot)
+            return
+        if stopped:  # returned within its grace period: the attempt stays stopped
+            job.future.stop()
             return
         self._settle(job, outcome=pickle.loads(data))
 
@@ -470,14 +342,21 @@ class _Pool:
         return worker
 
     @staticmethod
-    def _exchange(worker: _Worker, payload: bytes) -> bytes | None:
-        """Send one attempt and wait for its outcome; ``None`` if the process died."""
+    def _exchange(worker: _Worker, job: _Job) -> bytes | None:
+        """Send one attempt, pass its log records on, return its outcome; ``None`` if it died."""
         try:
-            worker.conn.send_bytes(payload)
-            # Wait on the sentinel too: a grandchild holding the pipe must not hide a death.
-            ready = wait([worker.conn, worker.process.sentinel])
-            if worker.conn in ready:
-                return worker.conn.recv_bytes()
+            worker.conn.send_bytes(job.payload)
+            while True:
+                # Wait on the sentinel too: a grandchild holding the pipe must not hide a death.
+                ready = wait([worker.conn, worker.process.sentinel])
+                if worker.conn not in ready:
+                    return None
+                message = worker.conn.recv_bytes()
+                tag = message[:1]
+                if tag == _OUTCOME:
+                    return message[1:]
+                if tag == _RECORD:
+                    job.log_context.run(deliver_record, pickle.loads(message[1:]))
         except (EOFError, OSError):
             pass
         return None
@@ -532,6 +411,7 @@ class _Pool:
                 for future, job in list(self._by_future.items()):
                     future.cancel()
                     if job.worker is not None:
+                        job.worker.cancel_flag.value = 1
                         self._kill(job.worker)
                 self._by_future.clear()
         for _ in self._threads:
@@ -548,26 +428,34 @@ class _Pool:
 class ProcessExecutor:
     """Run task bodies in a pool of worker processes (``executor="process"``).
 
-    For CPU-bound bodies that the GIL would serialise in threads. Task
-    functions must pickle: define them at module level, not as lambdas or
-    closures (:meth:`check_pipeline` says which task does not), and guard a
-    script's entry point with ``if __name__ == "__main__":``, because workers
-    start from a fresh interpreter that imports the main module. Arguments
-    and results cross process boundaries by pickling, so they should be
-    reasonably small; pass paths for bulk data.
+    For CPU-bound bodies that the GIL would serialise in threads. Any task
+    that runs on threads runs here: functions workers cannot import travel
+    by value (see :mod:`pipeopt.executors.shipping`), and
+    :meth:`check_pipeline` names, before the run, a task that uses
+    something no process can receive (a lock, a connection, an open file).
+    Guard a script's entry point with ``if __name__ == "__main__":``:
+    workers start from a fresh interpreter that imports the main script.
+    Arguments and results cross process boundaries by pickling, so they
+    should be reasonably small; pass paths for bulk data. Module globals
+    are per process: a body that changes one does not change the driver's.
 
-    A timed-out or cancelled attempt's process is terminated and replaced; a
-    worker that crashes fails only the attempt it ran, with
+    A cancelled attempt's body sees ``context.cancelled`` and gets
+    ``cancel_grace`` seconds to return before its process is terminated and
+    replaced; a worker that crashes fails only the attempt it ran, with
     :class:`WorkerCrashedError`.
 
     Args:
-        processes: how many worker processes to run; by default the run's
-            ``max_workers``. Attempts beyond it wait in the executor, and
-            that wait counts towards their timeout.
+        processes: how many worker processes to run; by default one per
+            CPU this process may run on (:func:`available_cpus`), whatever
+            the run's ``max_workers``. Attempts beyond it wait in the
+            executor, and that wait counts towards their timeout.
         start_method: ``"forkserver"`` (the default where available) or
             ``"spawn"``. ``"fork"`` is refused: the driver runs threads.
         terminate_grace: seconds between ``SIGTERM`` and ``SIGKILL`` when a
             worker is stopped.
+        cancel_grace: seconds a cancelled attempt's body may take to notice
+            ``context.cancelled`` and return before its process is
+            terminated; 0 terminates at once.
         preload: modules the fork server imports once, before it forks
             any worker (e.g. ``("numpy", "myproject.tasks")``), so that
             each worker, including each replacement of a killed one, starts
@@ -588,6 +476,7 @@ class ProcessExecutor:
         *,
         start_method: str | None = None,
         terminate_grace: float = 1.0,
+        cancel_grace: float = 0.2,
         preload: Sequence[str] = (),
     ) -> None:
         if processes is not None:
@@ -601,68 +490,81 @@ class ProcessExecutor:
             raise ValueError(f"start_method must be one of {choices}, got {start_method!r}")
         self.start_method = start_method
         self.terminate_grace = check_float("terminate_grace", terminate_grace, minimum=0.0)
+        self.cancel_grace = check_float("cancel_grace", cancel_grace, minimum=0.0)
         if isinstance(preload, str) or not all(isinstance(m, str) for m in preload):
             raise TypeError(f"preload must be a sequence of module names, got {preload!r}")
         self.preload = tuple(preload)
+        self._shipper = Shipper(main_importable=True)
         self._pool: _Pool | None = None
 
-    def check_pipeline(self, compiled: CompiledPipeline) -> None:
-        """Check that every task's function can be sent to a worker process.
-
-        Raises:
-            NotPicklableError: names the first task whose function does not
-                pickle, or lives in an interactive ``__main__`` that worker
-                processes cannot import.
-        """
-        main = sys.modules.get("__main__")
-        interactive = main is not None and not hasattr(main, "__file__")
-        for task in compiled.tasks:
-            func = task.func
-            try:
-                pickle.dumps(func, _PICKLE_PROTOCOL)
-            except Exception as exc:
-                raise NotPicklableError(task.name, f"{type(exc).__name__}: {exc}") from exc
-            if interactive and getattr(func, "__module__", None) == "__main__":
-                raise NotPicklableError(
-                    task.name, "it is defined in an interactive session's __main__"
-                )
-
-    def start(self, max_workers: int) -> None:
-        """Start the worker processes: ``processes`` of them, or ``max_workers``."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel=True)
-        size = self.processes if self.processes is not None else max_workers
+    def _context(self) -> BaseContext:
         ctx = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             # Python 3.11's fork server never preloads __main__ (it is not
             # given the path), so without this every worker would import
             # pipeopt all over again.
             ctx.set_forkserver_preload(["__main__", __name__, *self.preload])
-        self._pool = _Pool(ctx, check_int("max_workers", size, minimum=1), self.terminate_grace)
+        return ctx
+
+    def check_pipeline(self, compiled: CompiledPipeline) -> None:
+        """Check, before the run, that every task can be sent to a worker process.
+
+        Raises:
+            NotPicklableError: a task uses an object that cannot be pickled;
+                names the task and the object.
+            MissingMainGuardError: the driver's script runs its pipeline
+                when imported, so no worker process could start.
+        """
+        self._shipper.prepare(compiled)
+        _check_main_guard(self._context())
+
+    def start(self, max_workers: int) -> None:
+        """Start the worker processes: ``processes`` of them, or one per available CPU."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel=True)
+        size = self.processes if self.processes is not None else available_cpus()
+        self._pool = _Pool(
+            self._context(),
+            check_int("processes", size, minimum=1),
+            self.terminate_grace,
+            self.cancel_grace,
+        )
 
     def submit(self, call: TaskCall, context: ExecutionContext) -> Future[Any]:
         """Pickle ``call`` and queue it for the next free worker process.
 
         Raises:
-            NotPicklableError: the task's function does not pickle.
-            TypeError: its arguments (upstream results) do not pickle.
+            NotPicklableError: the task's function cannot be pickled.
+            TypeError: its arguments (upstream results) cannot be pickled.
             RuntimeError: the executor is not started.
         """
         pool = self._pool
         if pool is None:
             raise RuntimeError("the process executor is not started; call start(max_workers)")
+        shipper = self._shipper
+        call = shipper.ship(call)
         remote = RemoteContext.from_context(context) if call.wants_context else None
         try:
-            payload = pickle.dumps((call, remote), _PICKLE_PROTOCOL)
-        except Exception as exc:
-            raise _pickling_error(call, exc) from exc
+            payload = pickle.dumps((call, remote), PICKLE_PROTOCOL)
+            if shipper.local_modules and shipper.refers_to_local_module(payload):
+                payload = cloudpickle.dumps((call, remote), PICKLE_PROTOCOL)
+        except Exception:
+            try:
+                payload = cloudpickle.dumps((call, remote), PICKLE_PROTOCOL)
+            except Exception as exc:
+                raise TypeError(
+                    f"task {call.task!r}: its arguments cannot be pickled for a worker process "
+                    f"({type(exc).__name__}: {exc}); upstream tasks must return picklable "
+                    "results"
+                ) from exc
         future = AttemptFuture(call.task, call.timeout)
         wants = context if call.wants_context else None
-        pool.submit(_Job(call.task, call.attempt, payload, future, wants))
+        job = _Job(call.task, call.attempt, payload, future, wants, contextvars.copy_context())
+        pool.submit(job)
         return future
 
     def cancel(self, future: Future[Any]) -> bool:
-        """Drop a queued attempt, or terminate the process that runs it; return ``True``."""
+        """Drop a queued attempt, or stop the body that runs it; return ``True``."""
         pool = self._pool
         if pool is None:
             return _stop(future)
@@ -684,16 +586,49 @@ def _kill_if_alive(process: BaseProcess) -> None:
             process.kill()
 
 
+def _cancelled(job: _Job) -> bool:
+    # A function, so that the type checker does not assume the flag kept its earlier value.
+    return job.cancelled
+
+
 def _stop(future: Future[Any]) -> bool:
     return future.stop() if isinstance(future, AttemptFuture) else future.cancel()
 
 
-def _pickling_error(call: TaskCall, exc: Exception) -> Exception:
-    try:
-        pickle.dumps(call.func, _PICKLE_PROTOCOL)
-    except Exception as func_exc:
-        return NotPicklableError(call.task, f"{type(func_exc).__name__}: {func_exc}")
-    return TypeError(
-        f"task {call.task!r}: its arguments cannot be pickled for a worker process "
-        f"({type(exc).__name__}: {exc}); upstream tasks must return picklable results"
-    )
+def _main_script() -> str:
+    main = sys.modules.get("__main__")
+    return str(getattr(main, "__file__", None) or getattr(main, "__name__", "__main__"))
+
+
+_guard_checked: set[str] = set()
+_guard_lock = threading.Lock()
+
+
+def _check_main_guard(ctx: BaseContext) -> None:
+    """Start one worker process to see that importing the driver's script does not run it.
+
+    Done once per script and interpreter; a worker that finds the script
+    starting a run while it imports it exits with ``MAIN_GUARD_EXIT``
+    (see :func:`pipeopt.executors.base.exit_if_importing_main`).
+    """
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if script is None:
+        return
+    with _guard_lock:
+        if script in _guard_checked:
+            return
+        probe = ctx.Process(  # type: ignore[attr-defined]
+            target=_probe_main, name=WORKER_NAME, daemon=True
+        )
+        probe.start()
+        probe.join(_READY_WAIT)
+        if probe.is_alive():  # slow to import: the run will tell
+            probe.kill()
+            probe.join()
+            return
+        exitcode = probe.exitcode
+        probe.close()
+        if exitcode == MAIN_GUARD_EXIT:
+            raise MissingMainGuardError(script)
+        _guard_checked.add(script)
