@@ -149,6 +149,41 @@ def test_a_full_disk_still_records_how_the_run_ended(
     assert (summary.status, summary.succeeded, summary.tasks) == ("succeeded", TASKS, TASKS)
 
 
+def test_a_store_locked_by_another_process_is_written_once_the_lock_goes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RunStore(tmp_path, lock_timeout=0.2, flush_interval=0.0)
+    holder = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None, check_same_thread=False)
+    locked = Pipeline("locked")
+
+    @locked.task()
+    def take_the_lock() -> int:
+        holder.execute("BEGIN IMMEDIATE")  # as another process's long write would
+        return 1
+
+    @locked.task(dependencies=[take_the_lock])
+    def later(take_the_lock: int) -> int:
+        return take_the_lock + 1
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeopt"):
+            result = PipelineOptimizer(max_workers=2, state_dir=store).run(locked)
+        assert result.results == {"take_the_lock": 1, "later": 2}
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("locked by another process" in e for e in errors), errors
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.close()  # the lock is gone: the writer's retry commits everything
+    with reopened(tmp_path) as again:
+        detail = again.show_run(result.run_id)
+    assert detail.summary.status == "succeeded"
+    assert [(t.name, t.state, t.attempts) for t in detail.tasks] == [
+        ("take_the_lock", "succeeded", 1),
+        ("later", "succeeded", 1),
+    ]
+
+
 # -- a damaged JSON column ---------------------------------------------------------------
 
 
