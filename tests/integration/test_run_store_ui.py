@@ -150,6 +150,13 @@ def test_the_store_document_has_the_live_schema(store_runs: dict[str, Any]) -> N
         (r[0], r[1], r[4]) for r in live["attempts"]
     )
     assert stored["elapsed_s"] == pytest.approx(live["elapsed_s"], abs=0.05)
+    for document in (live, stored):
+        path = document["critical_path"]
+        names = [document["tasks"][i]["name"] for i in path]
+        assert names[-2:] == ["flaky", "report"] or names[-1] == EVIL, names
+    stored_names = [stored["tasks"][i]["name"] for i in stored["critical_path"]]
+    if stored_names[-1] == "report":
+        assert stored_names == ["extract", "flaky", "report"]
     # The store clocks the run from its own record of the start, a moment earlier:
     # attempts keep their spacing.
     live_rows, stored_rows = sorted(live["attempts"]), sorted(stored["attempts"])
@@ -189,6 +196,8 @@ def test_runs_list_and_a_crashed_run_over_http(ui: RunStoreUI, store_runs: dict[
     assert status == 200
     detail = json.loads(body)
     assert detail["error"] == "ValueError: bad input row 7"
+    assert detail["dependencies"] == []
+    assert detail["declared_criticality"] == "medium"
     assert "Traceback (most recent call last)" in detail["traceback"]
 
     status, _, body = get(ui.url + "runs/" + store_runs["crashed"])

@@ -84,15 +84,9 @@ def _run_end(detail: RunDetail, now: float) -> float | None:
     return max(ends, default=summary.started_at)
 
 
-def _dependencies(detail: RunDetail) -> list[tuple[int, ...]] | None:
+def _dependencies(detail: RunDetail) -> list[tuple[int, ...]]:
     names = {task.name: i for i, task in enumerate(detail.tasks)}
-    found: list[tuple[int, ...]] = []
-    for task in detail.tasks:
-        deps = getattr(task, "dependencies", None)
-        if deps is None:
-            return None  # a store that does not record them: no critical path
-        found.append(tuple(names[d] for d in deps if d in names))
-    return found
+    return [tuple(names[d] for d in task.dependencies if d in names) for task in detail.tasks]
 
 
 def build_stored_json(detail: RunDetail, now: float) -> dict[str, Any]:
@@ -167,8 +161,7 @@ def stored_task_detail(detail: RunDetail, name: str) -> dict[str, Any] | None:
     if index is None:
         return None
     task = detail.tasks[index]
-    deps = getattr(task, "dependencies", None) or ()
-    dependents = [t.name for t in detail.tasks if name in (getattr(t, "dependencies", None) or ())]
+    dependents = [t.name for t in detail.tasks if name in t.dependencies]
     timed = [a for a in task.history if a.number > 0]
     attempts = [
         {
@@ -183,10 +176,10 @@ def stored_task_detail(detail: RunDetail, name: str) -> dict[str, Any] | None:
     ]
     return {
         **_task_document(task),
-        "declared_criticality": getattr(task, "declared_criticality", None),
+        "declared_criticality": task.declared_criticality,
         "group": getattr(task, "group", None),
         "description": task.note or "",
-        "dependencies": list(deps),
+        "dependencies": list(task.dependencies),
         "dependents": dependents,
         "started_at": isoformat(task.started_at),
         "traceback": clip_traceback(task.traceback),

@@ -225,6 +225,7 @@ class RunReader:
                 history.get(name, []),
                 finals.get(name),
                 cached_from.get(name),
+                dependencies=tuple(structure.dependency_names(i)),
                 declared=LABELS[int(structure.criticality[i])],
                 logs=logs.get(name, ()),
             )
@@ -302,6 +303,7 @@ def task_summary(
     final: FinalRow | None,
     cached_from: str | None,
     *,
+    dependencies: tuple[str, ...] = (),
     declared: str | None = None,
     logs: Iterable[str] = (),
 ) -> TaskSummary:
@@ -338,6 +340,7 @@ def task_summary(
         traceback=text,
         note=note,
         history=tuple(history),
+        dependencies=dependencies,
         declared_criticality=declared,
         logs=tuple(logs),
     )

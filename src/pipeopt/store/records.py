@@ -89,7 +89,8 @@ class TaskSummary:
     ran its body; ``note`` says where the result came from when the task did
     not run (``"resumed"``, ``"cached from run …"``). ``criticality`` is
     the effective label, ``declared_criticality`` the one written on the
-    task; ``logs`` are the records its attempts logged (bounded).
+    task; ``logs`` are the records its attempts logged (bounded);
+    ``dependencies`` names the tasks it waited on.
     """
 
     name: str
@@ -105,6 +106,7 @@ class TaskSummary:
     history: tuple[AttemptSummary, ...]
     declared_criticality: str | None = None
     logs: tuple[str, ...] = ()
+    dependencies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
