@@ -30,6 +30,7 @@ from prometheus_client.openmetrics.exposition import (
 from pipeopt.dashboard.cache import RenderCache
 from pipeopt.dashboard.model import (
     History,
+    Memo,
     build_metrics_json,
     encode_json,
     sample,
@@ -155,6 +156,8 @@ class PipelineDashboard(SafeServer):
         self._index = self.render_page("index.html", LIVE_API)
         self._sampler: asyncio.Task[None] | None = None
         self._caches: dict[str, RenderCache[Body]] = {}
+        self._memo: Memo = {}
+        self._memo_run: str | None = None
 
     # -- routes ------------------------------------------------------------------
 
@@ -174,7 +177,12 @@ class PipelineDashboard(SafeServer):
     def render_metrics(self) -> bytes:
         """Return a fresh ``/metrics`` body (thread-safe; the route reuses it per budget)."""
         snapshot = self.source.snapshot()
-        document = build_metrics_json(snapshot, self._history.points(), self._clock())
+        memo = self._memo
+        if snapshot.run_id != self._memo_run or len(memo) > 2 * len(snapshot.tasks):
+            # Renders run one at a time (see RenderCache), so the memo needs no lock.
+            memo = self._memo = {}
+            self._memo_run = snapshot.run_id
+        document = build_metrics_json(snapshot, self._history.points(), self._clock(), memo)
         document["refresh_interval"] = self.refresh_interval
         return encode_json(document)
 

@@ -214,8 +214,36 @@ def task_dict(outcome: TaskOutcome, now: float) -> dict[str, Any]:
     }
 
 
+#: What :func:`build_metrics_json` remembers of a final task between documents.
+Memo = dict[int, tuple[TaskOutcome, dict[str, Any], list[list[Any]]]]
+
+
+def _task_parts(
+    i: int,
+    outcome: TaskOutcome,
+    snapshot: RunSnapshot,
+    now: float,
+    memo: Memo | None,
+) -> tuple[dict[str, Any], list[list[Any]]]:
+    final = memo is not None and outcome.state.is_final
+    if final:
+        assert memo is not None
+        hit = memo.get(id(outcome))
+        if hit is not None and hit[0] is outcome:
+            return hit[1], hit[2]
+    document = task_dict(outcome, now)
+    rows = _attempts_of(i, outcome, snapshot.running_since, snapshot.started_at)
+    if final:
+        assert memo is not None
+        memo[id(outcome)] = (outcome, document, rows)
+    return document, rows
+
+
 def build_metrics_json(
-    snapshot: RunSnapshot, history: Iterable[HistoryPoint], now: float
+    snapshot: RunSnapshot,
+    history: Iterable[HistoryPoint],
+    now: float,
+    memo: Memo | None = None,
 ) -> dict[str, Any]:
     """Return the ``/metrics`` document for ``snapshot`` (schema in :mod:`pipeopt.dashboard`).
 
@@ -223,6 +251,9 @@ def build_metrics_json(
         snapshot: the source's state, from ``source.snapshot()``.
         history: the sampled chart points, oldest first.
         now: the current ``time.time()``; windows and running durations end here.
+        memo: a dict kept between calls: the parts of final tasks are built once
+            and reused while the snapshots share their outcome objects (the
+            optimizer copies a final outcome once per run).
     """
     throughput, recent = window_stats(snapshot, now)
     counts = dict.fromkeys((state.value for state in TaskState), 0)
@@ -231,6 +262,12 @@ def build_metrics_json(
     started = snapshot.started_at
     ended = snapshot.ended_at
     tasks = list(snapshot.tasks.values())
+    documents: list[dict[str, Any]] = []
+    attempts: list[list[Any]] = []
+    for i, outcome in enumerate(tasks):
+        document, rows = _task_parts(i, outcome, snapshot, now, memo)
+        documents.append(document)
+        attempts.extend(rows)
     return {
         "schema": SCHEMA_VERSION,
         "source": "live",
@@ -252,8 +289,8 @@ def build_metrics_json(
         "avg_latency_ms": _round(mean_latency_ms(snapshot.tasks.values())),
         "recent_latency_ms": _round(recent),
         "counts": counts,
-        "tasks": [task_dict(outcome, now) for outcome in tasks],
-        "attempts": attempt_rows(tasks, snapshot.running_since, started),
+        "tasks": documents,
+        "attempts": attempts,
         "critical_path": critical_path(
             None if snapshot.graph is None else snapshot.graph.dependencies,
             [_end_of(outcome, now) for outcome in tasks],
@@ -325,25 +362,32 @@ def attempt_rows(
     with times relative to ``origin`` (the run's start); a running attempt
     has a null duration and outcome ``running``.
     """
-    if origin is None:
-        return []
     rows: list[list[Any]] = []
     for i, outcome in enumerate(tasks):
-        history = outcome.attempt_history
-        last = len(history) - 1
-        for k, record in enumerate(history):
-            rows.append(
-                [
-                    i,
-                    record.number,
-                    _ms(record.started_at - origin),
-                    _ms(record.duration),
-                    attempt_outcome(record, k == last, outcome.state),
-                ]
-            )
-        since = running_since.get(outcome.name)
-        if since is not None:
-            rows.append([i, outcome.attempts, _ms(since - origin), None, "running"])
+        rows.extend(_attempts_of(i, outcome, running_since, origin))
+    return rows
+
+
+def _attempts_of(
+    i: int, outcome: TaskOutcome, running_since: Mapping[str, float], origin: float | None
+) -> list[list[Any]]:
+    if origin is None:
+        return []
+    history = outcome.attempt_history
+    last = len(history) - 1
+    rows = [
+        [
+            i,
+            record.number,
+            _ms(record.started_at - origin),
+            _ms(record.duration),
+            attempt_outcome(record, k == last, outcome.state),
+        ]
+        for k, record in enumerate(history)
+    ]
+    since = running_since.get(outcome.name)
+    if since is not None:
+        rows.append([i, outcome.attempts, _ms(since - origin), None, "running"])
     return rows
 
 
