@@ -124,7 +124,9 @@ def flaky(context: TaskContext, ledger: str = "", **upstream: Any) -> str:
 def stall(context: TaskContext, ledger: str = "", pid_file: str = "") -> str:
     """Run for 30 s unless released: only a timeout can end it in time."""
     if pid_file:
-        Path(pid_file).write_text(str(os.getpid()))
+        # Written whole, then renamed: a reader that sees the file sees the pid.
+        Path(pid_file + ".tmp").write_text(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)
     _append(ledger, context.task)
     _RELEASE.wait(30)
     return "finished"
