@@ -546,6 +546,8 @@ class PipelineOptimizer:
         kept = finals[1]
         tasks: dict[str, TaskOutcome] = {}
         with loop.lock:
+            if len(kept) < len(core.outcomes):  # mapped items were added
+                kept.extend([None] * (len(core.outcomes) - len(kept)))
             # A final outcome never changes again: copy it once, not on every snapshot.
             for i, outcome in enumerate(core.outcomes):
                 copied = kept[i]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
+
+import pytest
 
 from pipeopt.batching import AdaptiveBatcher
 from pipeopt.dashboard.model import (
@@ -180,3 +183,33 @@ def test_log_lines_keep_the_last_ones_and_take_plain_strings() -> None:
     assert len(lines) == MAX_LOG_LINES
     assert lines[-1]["message"] == f"line {MAX_LOG_LINES + 49}"
     assert log_lines(None) == []
+
+
+def test_mapped_items_added_while_running_are_on_the_page() -> None:
+    pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp: pipeopt[dashboard]")
+    from pipeopt import Pipeline, PipelineOptimizer
+    from pipeopt.dashboard import PipelineDashboard
+
+    p = Pipeline("mapped")
+
+    @p.task
+    def files() -> list[int]:
+        return [1, 2, 3]
+
+    @p.task(map_over=files)
+    def parse(files: int) -> int:
+        return files * 2
+
+    optimizer = PipelineOptimizer(max_workers=2)
+    dashboard = PipelineDashboard(optimizer)
+    optimizer.snapshot()  # before the run: nothing to copy yet
+    assert optimizer.run(p).ok
+    for _ in range(2):  # the second render reuses the final tasks' parts
+        document = json.loads(dashboard.render_metrics())
+        names = [t["name"] for t in document["tasks"]]
+        assert {"parse[0]", "parse[1]", "parse[2]"} <= set(names)
+        assert len(document["attempts"]) == 4  # files and each item; parse itself only fans out
+        assert document["critical_path"]
+    detail = dashboard.render_task("parse[1]")
+    assert detail is not None
+    assert json.loads(detail)["state"] == "succeeded"

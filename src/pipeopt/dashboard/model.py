@@ -403,6 +403,9 @@ def critical_path(
     """
     if dependencies is None:
         return []
+    if len(dependencies) < len(ends):
+        # Tasks added while running (mapped items) are not in the graph: no known dependencies.
+        dependencies = [*dependencies, *([()] * (len(ends) - len(dependencies)))]
     current = max(
         (i for i, end in enumerate(ends) if end is not None),
         key=lambda i: (ends[i], -i),
