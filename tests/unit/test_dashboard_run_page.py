@@ -213,3 +213,31 @@ def test_mapped_items_added_while_running_are_on_the_page() -> None:
     detail = dashboard.render_task("parse[1]")
     assert detail is not None
     assert json.loads(detail)["state"] == "succeeded"
+
+
+def test_a_real_load_reaches_the_loads_panel(tmp_path: Any) -> None:
+    pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp: pipeopt[dashboard]")
+    from pipeopt import Pipeline, PipelineOptimizer
+    from pipeopt.dashboard import PipelineDashboard
+    from pipeopt.sinks import SQLiteSink
+
+    p = Pipeline("loads")
+
+    @p.task
+    def load(context: Any) -> int:
+        rows = [(i, i * 2) for i in range(5000)]
+        with SQLiteSink(str(tmp_path / "shop.db"), "orders", columns=["id", "qty"]) as sink:
+            return int(context.write_batches(rows, sink).rows_written)
+
+    optimizer = PipelineOptimizer(max_workers=1)
+    dashboard = PipelineDashboard(optimizer)
+    assert optimizer.run(p).results["load"] == 5000
+    loads = json.loads(dashboard.render_metrics())["loads"]
+    assert [row["task"] for row in loads] == ["load"]
+    row = loads[0]
+    assert row["rows_written"] == 5000
+    assert row["rows_dead_lettered"] == 0
+    assert row["rows_per_s"] > 0
+    assert row["batches"] >= 1
+    assert row["batch_size"] >= 1
+    assert row["target_latency_ms"] == 100.0
