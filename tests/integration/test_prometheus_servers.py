@@ -210,3 +210,30 @@ def test_prometheus_scrapes_a_live_run_and_answers_promql(
             assert [float(r["value"][1]) for r in up] == [1.0]
         finally:
             stop_server(server)
+
+
+def test_pipeopt_run_pushes_to_the_gateway(pushgateway: str, tmp_path: Path) -> None:
+    import sys
+
+    (tmp_path / "nightly.py").write_text(
+        "from pipeopt import Pipeline\n"
+        "pipeline = Pipeline('cli-pushed')\n"
+        "@pipeline.task\n"
+        "def extract():\n"
+        "    return 1\n"
+    )
+    argv = [sys.executable, "-m", "pipeopt.cli", "run", "nightly.py", "--no-state"]
+    done = subprocess.run(
+        [*argv, "--push-gateway", pushgateway],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    groups = get_json(pushgateway + "/api/v1/metrics")["data"]
+    ours = [g for g in groups if g["labels"].get("job") == "cli-pushed"]
+    assert len(ours) == 1
+    runs = ours[0]["pipeline_runs_total"]["metrics"]
+    assert [(m["labels"]["status"], float(m["value"])) for m in runs] == [("succeeded", 1.0)]

@@ -12,6 +12,7 @@ importing only the layers below it::
     bench.py    pipeopt bench
     history.py  pipeopt history, pipeopt show
     resume.py   pipeopt resume
+    ui.py       pipeopt ui
 
 Heavy imports (the optimizer, the dashboard, the benchmark suite, the run
 store) happen inside the commands, so ``pipeopt --help`` stays quick.
@@ -22,11 +23,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pipeopt.cli import app, bench, demo, graph, history, resume, run
+from pipeopt.cli import app, bench, demo, graph, history, resume, run, ui
 from pipeopt.cli.app import ExitCode
 from pipeopt.cli.load import load_pipeline
 
-COMMANDS: tuple[app.Command, ...] = (run, graph, demo, bench, history, resume)
+COMMANDS: tuple[app.Command, ...] = (run, graph, demo, bench, history, resume, ui)
 
 __all__ = ["COMMANDS", "ExitCode", "build_parser", "load_pipeline", "main"]
 

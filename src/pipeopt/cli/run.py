@@ -65,6 +65,12 @@ def add_run_options(parser: argparse.ArgumentParser, *, inherit: bool = False) -
     options.add_param_option(parser)
     options.add_log_level_option(parser)
     options.add_setting_options(parser)
+    parser.add_argument(
+        "--push-gateway",
+        metavar="URL",
+        default=None,
+        help="push the run's final metrics to this Prometheus Pushgateway (job: the pipeline)",
+    )
 
 
 def make_optimizer(
@@ -86,6 +92,7 @@ def make_optimizer(
             fail_fast=options.fail_fast(args),
             state_dir=state_dir(args),
             **options.optimizer_settings(args),
+            push_gateway=args.push_gateway,
         )
     except ImportError as exc:
         raise UsageError(f"--executor {executor}: {exc}") from None

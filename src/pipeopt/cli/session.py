@@ -60,23 +60,28 @@ def add_dashboard_options(parser: argparse.ArgumentParser, *, default_on: bool =
         )
     else:
         parser.add_argument("--dashboard", action="store_true", help="serve the live dashboard")
-    parser.add_argument("--host", default="127.0.0.1", help="dashboard bind address (127.0.0.1)")
+    add_server_options(parser)
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="exit when the run ends instead of keeping the dashboard up",
+    )
+
+
+def add_server_options(parser: argparse.ArgumentParser, *, what: str = "dashboard") -> None:
+    """Add ``--host``, ``--port`` and ``--token`` of a server (the dashboard, ``pipeopt ui``)."""
+    parser.add_argument("--host", default="127.0.0.1", help=f"{what} bind address (127.0.0.1)")
     parser.add_argument(
         "--port",
         type=int_range(0, 65535),
         default=0,
-        help="dashboard port (0: any free port)",
+        help=f"{what} port (0: any free port)",
     )
     parser.add_argument(
         "--token",
         type=_token,
         default=None,
-        help="dashboard access token (random when binding beyond loopback)",
-    )
-    parser.add_argument(
-        "--no-wait",
-        action="store_true",
-        help="exit when the run ends instead of keeping the dashboard up",
+        help=f"{what} access token (random when binding beyond loopback)",
     )
 
 
@@ -103,6 +108,27 @@ def _bind_error(exc: OSError, host: str, port: int) -> UsageError:
     return UsageError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}")
 
 
+def serve(make: Callable[..., Any], args: argparse.Namespace, *, what: str = "dashboard") -> Any:
+    """Start the server ``make(host=, port=, token=)`` builds on a background thread; return it.
+
+    Without ``--token``, a server bound beyond loopback gets a random one.
+
+    Raises:
+        UsageError: the host, port or token is unusable.
+    """
+    token = args.token
+    if token is None and args.host not in _LOOPBACK:
+        token = secrets.token_urlsafe(16)
+    try:
+        server = make(host=args.host, port=args.port, token=token)
+        server.start_in_thread()
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    except OSError as exc:
+        raise _bind_error(exc, args.host, args.port) from None
+    return server
+
+
 def start_dashboard(optimizer: PipelineOptimizer, args: argparse.Namespace) -> Any:
     """Serve the dashboard of ``optimizer`` from a background thread and print its URL.
 
@@ -115,16 +141,7 @@ def start_dashboard(optimizer: PipelineOptimizer, args: argparse.Namespace) -> A
         raise UsageError(
             f"the dashboard needs aiohttp: pip install 'pipeopt[dashboard]' ({exc})"
         ) from None
-    token = args.token
-    if token is None and args.host not in _LOOPBACK:
-        token = secrets.token_urlsafe(16)
-    try:
-        dashboard = PipelineDashboard(optimizer, host=args.host, port=args.port, token=token)
-        dashboard.start_in_thread()
-    except ValueError as exc:
-        raise UsageError(f"dashboard: {exc}") from None
-    except OSError as exc:
-        raise _bind_error(exc, args.host, args.port) from None
+    dashboard = serve(lambda **options: PipelineDashboard(optimizer, **options), args)
     console(stderr=True).print(f"dashboard: {dashboard.page_url}", markup=False)
     return dashboard
 
