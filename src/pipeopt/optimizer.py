@@ -24,7 +24,8 @@ from pipeopt.logs import capture as log_capture
 from pipeopt.metrics import OptimizerMetrics
 from pipeopt.params import resolve_params
 from pipeopt.result import RunGraph, RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
-from pipeopt.scheduler import RunHooks, RunLoop, SchedulerCore
+from pipeopt.run_loop import RunHooks, RunLoop
+from pipeopt.scheduler import SchedulerCore
 
 if TYPE_CHECKING:
     from pipeopt.batching import Batcher
