@@ -28,10 +28,10 @@ import itertools
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pipeopt.context import ExecutionContext
 from pipeopt.errors import (
@@ -44,9 +44,10 @@ from pipeopt.executors.base import (
     close_thread_loop,
     resolve_output,
 )
+from pipeopt.hooks import RunHooks, RunObserver
 from pipeopt.logs import current as current_task
 from pipeopt.priority import LABELS
-from pipeopt.result import AttemptRecord, TaskState
+from pipeopt.result import AttemptRecord
 from pipeopt.scheduler import SchedulerCore
 
 if TYPE_CHECKING:
@@ -88,36 +89,6 @@ class Attempt:
         if self.cancel is None:
             self.cancel = threading.Event()
         return self.cancel
-
-
-class RunObserver(Protocol):
-    """Receives a run's events, e.g. to record them in a run store.
-
-    ``attempt_finished`` and ``task_succeeded`` are called while the
-    scheduler's lock is held: implementations must only hand the event to a
-    background writer, never block.
-    """
-
-    def attempt_finished(self, task: str, record: AttemptRecord, state: TaskState) -> None:
-        """One attempt ended; ``state`` is the task's state after it."""
-
-    def task_succeeded(self, task: str, result: Any, cache_key: str | None) -> None:
-        """A task succeeded with ``result`` (persist it if allowed)."""
-
-    def cache_lookup(self, task: str, cache_key: str) -> tuple[bool, Any]:
-        """Return ``(True, result)`` if ``cache_key`` already succeeded, else ``(False, None)``."""
-
-
-@dataclass(slots=True)
-class RunHooks:
-    """Per-run services the run loop passes into each attempt."""
-
-    run_id: str
-    batchers: dict[str, Batcher]
-    batcher_factory: Callable[[str], Batcher]
-    batch_observer: Callable[[str, int, float], None] | None = None
-    observer: RunObserver | None = None
-    lineage_id: str | None = None
 
 
 class RunLoop:
@@ -344,7 +315,6 @@ class RunLoop:
         # this process (async, in-process Dask) carry the context along.
         token = current_task.set(core.outcomes[i])
         try:
-            injection = core.injections[i]
             kwargs = core.arguments(i)
             observer = self.hooks.observer
             if task.cache_key is not None and observer is not None:
@@ -355,16 +325,7 @@ class RunLoop:
                         attempt, (cached_value, None, None, True, attempt.started, self._clock())
                     )
                     return
-            call = TaskCall(
-                core.names[i],
-                task.func,
-                kwargs,
-                injection.wants_context,
-                injection.kind,
-                attempt.number,
-                core.levels[i],
-                task.timeout,
-            )
+            call = self._call(i, attempt, kwargs)
             future = self.executor.submit(call, self._context(i, attempt))
         except Exception as exc:  # e.g. arguments that do not pickle
             text = traceback.format_exc()
@@ -579,16 +540,7 @@ class RunLoop:
                 out = task.func(**kwargs)
                 value = resolve_output(out, injection.kind, task.timeout)
                 return (value, None, None, False, started, clock())
-            call = TaskCall(
-                core.names[i],
-                task.func,
-                kwargs,
-                injection.wants_context,
-                injection.kind,
-                attempt.number,
-                core.levels[i],
-                task.timeout,
-            )
+            call = self._call(i, attempt, kwargs)
             # Worker threads serve inline executors only; the others are dispatched to.
             context = self._context(i, attempt) if injection.wants_context else None
             value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
@@ -706,6 +658,21 @@ class RunLoop:
             custom_metrics=core.outcomes[i].custom_metrics,
             cancelled=attempt.cancel_event(),
             batch_observer=hooks.batch_observer,
+        )
+
+    def _call(self, i: int, attempt: Attempt, kwargs: dict[str, Any]) -> TaskCall:
+        core = self.core
+        task = core.tasks[i]
+        injection = core.injections[i]
+        return TaskCall(
+            core.names[i],
+            task.func,
+            kwargs,
+            injection.wants_context,
+            injection.kind,
+            attempt.number,
+            core.levels[i],
+            task.timeout,
         )
 
 

@@ -26,7 +26,7 @@ _CACHED = TaskState.CACHED
 
 
 class Recorder:
-    """The :class:`~pipeopt.run_loop.RunObserver` of one run.
+    """The :class:`~pipeopt.hooks.RunObserver` of one run.
 
     A successful attempt is held back until its ``task_succeeded``, which
     the scheduler calls right after it under the same lock, so that both

@@ -27,7 +27,7 @@ from pipeopt.store.writer import End, Flush, Writer
 
 if TYPE_CHECKING:
     from pipeopt.graph import CompiledPipeline
-    from pipeopt.run_loop import RunObserver
+    from pipeopt.hooks import RunObserver
 
 _log = logging.getLogger("pipeopt.store")
 
