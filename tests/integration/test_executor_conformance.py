@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 import random
 import signal
@@ -202,6 +203,18 @@ def use_everything(context: TaskContext, db: str = "", **upstream: Any) -> dict[
         "cancelled": context.cancelled,
         "identity": [context.task, context.attempt, context.run_id, context.criticality],
     }
+
+
+def log_from_module(source: list[int]) -> int:
+    """Log through a module logger, as library code does, from a body without a context."""
+    log = logging.getLogger("conformance.module")
+    log.warning("module logger saw %d items", len(source))
+    log.info("below the root's level: not kept")
+    try:
+        raise ZeroDivisionError("on purpose")
+    except ZeroDivisionError:
+        log.exception("caught it")
+    return len(source)
 
 
 def wait_for_cancel(context: TaskContext, marker: str = "") -> str:
@@ -544,6 +557,24 @@ def test_every_context_member_works(
     assert optimizer.batchers_of_last_run()["use"].statistics().batches == batches
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT count(*) FROM items").fetchone() == (25,)
+
+
+def test_records_of_module_loggers_are_the_task_logs(
+    make_executor: Callable[[], Executor],
+) -> None:
+    p = Pipeline("module-logs")
+    p.add(PipelineTask("source", lambda: [1, 2, 3]))
+    p.add(PipelineTask("logs", log_from_module, dependencies=["source"]))
+    result = PipelineOptimizer(max_workers=2, executor=make_executor()).run(p)
+    assert result.status is RunStatus.SUCCEEDED, result.tasks["logs"].error
+    lines = result.tasks["logs"].logs
+    # Each record once, as on a thread; the traceback of log.exception comes along.
+    assert [line.split(" ", 2)[2].splitlines()[0] for line in lines] == [
+        "WARNING conformance.module: module logger saw 3 items",
+        "ERROR conformance.module: caught it",
+    ]
+    assert "ZeroDivisionError: on purpose" in lines[1]
+    assert result.tasks["source"].logs == []
 
 
 # The sync executor judges a timeout when the body returns: nothing to see while it runs.

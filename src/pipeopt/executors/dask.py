@@ -285,7 +285,7 @@ class DaskExecutor:
         if client is None:
             raise RuntimeError("the dask executor is not started; call start(max_workers)")
         call = self._shipper.ship(call)
-        remote = RemoteContext.from_context(context) if call.wants_context else None
+        remote = RemoteContext.from_context(context, for_body=call.wants_context)
         dask_future = client.submit(
             run_on_dask,
             call,

@@ -155,6 +155,8 @@ def _worker_main(conn: Connection, cancel_flag: Synchronized[int]) -> None:
             task = call.task
             if context is not None:
                 context.install(cancelled=cancelled, emit=emit)
+                # The worker is ours: its loggers filter as the driver's do.
+                logging.getLogger().setLevel(context.root_level)
             outcome = run_remote(call, context)
         except BaseException as exc:
             outcome = RemoteOutcome(error=_portable(exc), traceback=traceback.format_exc())
@@ -543,7 +545,7 @@ class ProcessExecutor:
             raise RuntimeError("the process executor is not started; call start(max_workers)")
         shipper = self._shipper
         call = shipper.ship(call)
-        remote = RemoteContext.from_context(context) if call.wants_context else None
+        remote = RemoteContext.from_context(context, for_body=call.wants_context)
         try:
             payload = pickle.dumps((call, remote), PICKLE_PROTOCOL)
             if shipper.local_modules and shipper.refers_to_local_module(payload):

@@ -9,7 +9,9 @@ Policy
     level. What the body records travels back in the :class:`RemoteOutcome`
     and is replayed into the driver's context: custom metrics, every batch
     (which feeds the driver's batcher and metrics, so its model is merged
-    back), and log records, which the driver hands to its own logging.
+    back), and log records — of the context's logger and of any logger the
+    body uses — which the driver hands to its own logging, so a task's logs
+    are the same on every executor.
 
 State
     The executor that runs the body installs two hooks with
@@ -26,9 +28,12 @@ Invariants
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import inspect
 import logging
 import pickle
+import threading
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,10 +81,51 @@ class _Forward(logging.Handler):
             self.handleError(record)
 
 
+_body: contextvars.ContextVar[RemoteContext | None] = contextvars.ContextVar(
+    "pipeopt_remote_body", default=None
+)
+_capture_lock = threading.Lock()
+_capture_installed = False
+
+
+class _WorkerCapture(logging.Handler):
+    """On the worker's root logger: forward a copy of each record a body emits to its context.
+
+    Records of the body's own loggers (``logging.getLogger(__name__)`` in
+    user code) reach the driver as they would on a thread; the worker's
+    other handlers still see the original record.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        context = _body.get()
+        if context is None:
+            return
+        try:
+            sent = copy.copy(record)
+            sent.msg = record.getMessage()
+            sent.args = None
+            if record.exc_info:
+                sent.exc_text = record.exc_text or logging.Formatter().formatException(
+                    record.exc_info
+                )
+                sent.exc_info = None
+            context.send_record(sent)
+        except Exception:
+            self.handleError(record)
+
+
+def _install_worker_capture() -> None:
+    global _capture_installed
+    with _capture_lock:
+        if not _capture_installed:
+            logging.getLogger().addHandler(_WorkerCapture())
+            _capture_installed = True
+
+
 class RemoteContext(ContextBase):
     """The :class:`~pipeopt.context.TaskContext` of an attempt in another process."""
 
-    __slots__ = ("_batcher", "_batches", "_emit", "_level", "_probe", "_records")
+    __slots__ = ("_batcher", "_batches", "_emit", "_level", "_probe", "_records", "root_level")
 
     def __init__(
         self,
@@ -92,6 +138,7 @@ class RemoteContext(ContextBase):
         upstream: Mapping[str, Any] | None = None,
         batcher: Batcher | None = None,
         log_level: int = logging.NOTSET,
+        root_level: int = logging.WARNING,
     ) -> None:
         super().__init__(
             task,
@@ -104,23 +151,30 @@ class RemoteContext(ContextBase):
         self._upstream: dict[str, Any] = dict(upstream or {})
         self._batcher = batcher
         self._level = log_level
+        self.root_level = root_level
         self._batches: list[tuple[int, float]] = []
         self._records: list[logging.LogRecord] = []
         self._probe: Callable[[], bool] | None = None
         self._emit: Callable[[logging.LogRecord], None] | None = None
 
     @classmethod
-    def from_context(cls, context: ExecutionContext) -> RemoteContext:
-        """Return the context a remote attempt of ``context``'s task starts with."""
+    def from_context(cls, context: ExecutionContext, *, for_body: bool = True) -> RemoteContext:
+        """Return the context a remote attempt of ``context``'s task starts with.
+
+        With ``for_body=False`` (a body that takes no ``context``) it carries
+        no upstream results and no batcher: it only brings the body's log
+        records back.
+        """
         return cls(
             context.task,
             attempt=context.attempt,
             run_id=context.run_id,
             lineage_id=context.lineage_id,
             criticality=context.criticality,
-            upstream=context.upstream,
-            batcher=context.batcher_for_remote(),
+            upstream=context.upstream if for_body else None,
+            batcher=context.batcher_for_remote() if for_body else None,
             log_level=logging.getLogger(_TASK_LOGGER).getEffectiveLevel(),
+            root_level=logging.getLogger().getEffectiveLevel(),
         )
 
     def __getstate__(self) -> tuple[Any, ...]:
@@ -133,6 +187,7 @@ class RemoteContext(ContextBase):
             self._upstream,
             _batcher_bytes(self._batcher),
             self._level,
+            self.root_level,
         )
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
@@ -145,6 +200,7 @@ class RemoteContext(ContextBase):
             self._upstream,
             batcher,
             self._level,
+            self.root_level,
         ) = state
         self._batcher = pickle.loads(batcher) if batcher is not None else None
         self._custom = {}
@@ -290,6 +346,10 @@ def run_remote(call: TaskCall, context: RemoteContext | None) -> RemoteOutcome:
     threads keep no loops alive.
     """
     outcome = context.outcome() if context is not None else RemoteOutcome()
+    token = None
+    if context is not None:
+        _install_worker_capture()
+        token = _body.set(context)
     try:
         kwargs = call.kwargs
         if call.wants_context:
@@ -306,6 +366,9 @@ def run_remote(call: TaskCall, context: RemoteContext | None) -> RemoteOutcome:
     except BaseException as exc:  # the driver decides what to do with any failure
         outcome.error = _portable(exc)
         outcome.traceback = traceback.format_exc()
+    finally:
+        if token is not None:
+            _body.reset(token)
     return outcome
 
 
