@@ -553,6 +553,27 @@ class CompiledPipeline:
                 path[i] += max([path[j] for j in below])
         return path
 
+    def reestimate(self, costs: Sequence[float]) -> None:
+        """Recompute ``critical_path`` with ``costs[i]`` seconds for task ``i``.
+
+        For costs known only at run time, such as durations learned from
+        earlier runs; levels and order do not change.
+
+        Raises:
+            ValueError: ``costs`` does not have one entry per task.
+        """
+        if len(costs) != len(self.tasks):
+            raise ValueError(
+                f"costs must have one entry per task ({len(self.tasks)}), got {len(costs)}"
+            )
+        path = list(costs)
+        dependents = self.dependents
+        for i in reversed(self.order):
+            below = dependents[i]
+            if below:
+                path[i] += max([path[j] for j in below])
+        self.critical_path = path
+
     def longest_path(self) -> float:
         """Return the length of the graph's critical path in expected seconds."""
         return max(self.critical_path, default=0.0)

@@ -29,6 +29,7 @@ from pipeopt.scheduler import SchedulerCore
 
 if TYPE_CHECKING:
     from pipeopt.batching import Batcher
+    from pipeopt.estimates import TaskEstimates
     from pipeopt.graph import CompiledPipeline, Pipeline
     from pipeopt.store import RunStore
 
@@ -128,6 +129,11 @@ class PipelineOptimizer:
         tracing: ``True`` emits an OpenTelemetry span per run and per attempt
             through the global tracer provider, or pass a ``TracerProvider``;
             needs the ``otel`` extra (see :mod:`pipeopt.tracing`).
+        learn_durations: rank a task without ``expected_duration`` by its
+            duration learned from the run store (the median of its last
+            successful attempts in earlier runs of the pipeline) rather than
+            as one hop; see :mod:`pipeopt.estimates`. ``None`` (the default)
+            learns when there is a ``state_dir``; ``True`` requires one.
 
     Raises:
         TypeError: ``executor`` is neither a name nor an executor instance.
@@ -152,6 +158,7 @@ class PipelineOptimizer:
         tune_gc: bool = True,
         push_gateway: str | None = None,
         tracing: object = False,
+        learn_durations: bool | None = None,
     ) -> None:
         self.max_workers = (
             default_workers()
@@ -175,6 +182,14 @@ class PipelineOptimizer:
         self.seed = seed
         self.interrupt_grace = check_float("interrupt_grace", interrupt_grace, minimum=0.0)
         self.state_dir = state_dir
+        if learn_durations and state_dir is None:
+            raise ValueError(
+                "learn_durations=True needs a run store to learn from: pass state_dir= "
+                "(or leave learn_durations unset)"
+            )
+        self.learn_durations = (
+            state_dir is not None if learn_durations is None else bool(learn_durations)
+        )
         self.tune_gc = bool(tune_gc)
         from pipeopt.metrics import check_push_gateway
         from pipeopt.tracing import check_tracing
@@ -381,6 +396,7 @@ class PipelineOptimizer:
             if check is not None:
                 check(compiled)
         run_id = run_id or new_run_id()
+        estimates = self._rank_by_estimates(compiled)
         core = SchedulerCore(
             compiled,
             fail_fast=self.fail_fast,
@@ -398,6 +414,7 @@ class PipelineOptimizer:
                 workers=self.max_workers,
                 resumed_from=_resumed_from,
                 params=params,
+                estimates=estimates,
             )
             if store is not None
             else None
@@ -484,6 +501,22 @@ class PipelineOptimizer:
         if interrupted is not None:
             raise RunInterrupted(result, interrupted) from interrupted
         return result
+
+    def _rank_by_estimates(self, compiled: CompiledPipeline) -> TaskEstimates | None:
+        """Rank tasks without a hint by their learned durations; return what each task used.
+
+        ``None`` without a run store (nothing to learn from, nowhere to keep it).
+        """
+        store = self.store
+        if store is None:
+            return None
+        from pipeopt.estimates import plan
+
+        learned = store.learned_durations(compiled.name) if self.learn_durations else None
+        estimates = plan(compiled, learned)
+        if estimates.learned:
+            compiled.reestimate(estimates.costs())
+        return estimates
 
     def interrupt(self) -> None:
         """Stop the current run as Ctrl-C would (callable from any thread)."""

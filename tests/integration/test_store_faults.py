@@ -21,7 +21,7 @@ import pytest
 
 from pipeopt import Pipeline, PipelineOptimizer, PipelineTask
 from pipeopt.errors import RunLockedError, RunStoreError
-from pipeopt.store import DB_NAME, RunStore
+from pipeopt.store import DB_NAME, SCHEMA_VERSION, RunStore
 
 TASKS = 40
 
@@ -247,6 +247,8 @@ def test_a_schema_1_store_is_read_as_is_and_upgraded_when_written(tmp_path: Path
         conn.execute("DROP TABLE run_locks")
         conn.execute("DROP TABLE run_params")
         conn.execute("DROP TABLE task_logs")
+        conn.execute("DROP TABLE task_estimates")
+        conn.execute("DROP TABLE run_estimates")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
     conn.close()
     with RunStore(tmp_path, read_only=True) as store:
@@ -256,7 +258,8 @@ def test_a_schema_1_store_is_read_as_is_and_upgraded_when_written(tmp_path: Path
     with RunStore(tmp_path) as store, store.lock_run(run_id):
         pass
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    assert version == (str(SCHEMA_VERSION),)
     conn.close()
 
 

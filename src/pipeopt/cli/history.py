@@ -222,19 +222,26 @@ def _print_detail(detail: RunDetail, out: Console, *, every: bool, tracebacks: b
         tasks = (notable + rest)[:SHOW_LIMIT]
         hidden = len(detail.tasks) - len(tasks)
     table = Table(title_justify="left")
-    for column in ("task", "criticality", "state", "attempts", "duration", "error / note"):
+    estimated = any(task.estimate is not None for task in detail.tasks)
+    columns = ["task", "criticality", "state", "attempts", "duration", "error / note"]
+    if estimated:
+        columns.insert(5, "estimate (source)")
+    for column in columns:
         table.add_column(
             column, overflow="fold", justify="right" if column == "attempts" else "left"
         )
     for task in tasks:
-        table.add_row(
+        row = [
             cell(task.name),
             cell(criticality_text(task.criticality, task.declared_criticality)),
             state_cell(task.state),
             str(task.attempts),
             seconds(task.duration),
             cell(_error_or_note(task)[:300]),
-        )
+        ]
+        if estimated:
+            row.insert(5, _estimate(task))
+        table.add_row(*row)
     if tasks:
         out.print(table)
     if hidden:
@@ -251,6 +258,12 @@ def _print_detail(detail: RunDetail, out: Console, *, every: bool, tracebacks: b
     if tracebacks:
         for task in detail.tasks:
             print_tracebacks(task, out)
+
+
+def _estimate(task: TaskSummary) -> str:
+    if task.estimate is None:
+        return "none (1 hop)"
+    return f"{seconds(task.estimate)} ({task.estimate_source})"
 
 
 def _error_or_note(task: TaskSummary) -> str:

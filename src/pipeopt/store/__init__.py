@@ -7,6 +7,7 @@ One concern per module, each layer importing only those listed before it:
 ``liveness``    whether the process of a run or a lock still runs
 ``schema``      the tables and the schema version
 ``connection``  opening the file; refusing a corrupt, locked or newer one
+``estimates``   the learned task durations, and the estimates each run used
 ``recorder``    the observer of one run: events into a deque
 ``writer``      the thread that commits the events in batches, and its failures
 ``queries``     ``history`` and ``show``

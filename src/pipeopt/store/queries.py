@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pipeopt.errors import RunStoreError
+from pipeopt.estimates import source_text
 from pipeopt.priority import LABELS
 from pipeopt.result import TaskState
 from pipeopt.store.connection import Database
+from pipeopt.store.estimates import load_used
 from pipeopt.store.liveness import HOST, process_alive
 from pipeopt.store.records import (
     RUN_COLUMNS,
@@ -218,6 +220,8 @@ class RunReader:
                 if ref.run != row.id:
                     cached_from[batch.tasks[ref.event]] = origins.get(ref.run, f"#{ref.run}")
         logs = self.logs(conn, row.id)
+        used = load_used(conn, row.id)
+        names = structure.names
         tasks = tuple(
             task_summary(
                 name,
@@ -228,8 +232,9 @@ class RunReader:
                 dependencies=tuple(structure.dependency_names(i)),
                 declared=LABELS[int(structure.criticality[i])],
                 logs=logs.get(name, ()),
+                estimate=used.get(names[i]),  # an item was ranked by its task's estimate
             )
-            for i, name in _with_items(structure.names, history, finals)
+            for i, name in _with_items(names, history, finals)
         )
         return RunDetail(summary, row.fingerprint, row.host, row.pid, tasks)
 
@@ -306,6 +311,7 @@ def task_summary(
     dependencies: tuple[str, ...] = (),
     declared: str | None = None,
     logs: Iterable[str] = (),
+    estimate: tuple[float, int] | None = None,
 ) -> TaskSummary:
     """Return what a run recorded about one task, from its attempts and final row."""
     ran = [a for a in history if a.number > 0 and a.state != "cached"]
@@ -343,4 +349,6 @@ def task_summary(
         dependencies=dependencies,
         declared_criticality=declared,
         logs=tuple(logs),
+        estimate=None if estimate is None else estimate[0],
+        estimate_source="none" if estimate is None else source_text(estimate[1]),
     )

@@ -90,7 +90,11 @@ class TaskSummary:
     not run (``"resumed"``, ``"cached from run …"``). ``criticality`` is
     the effective label, ``declared_criticality`` the one written on the
     task; ``logs`` are the records its attempts logged (bounded);
-    ``dependencies`` names the tasks it waited on.
+    ``dependencies`` names the tasks it waited on. ``estimate`` is the
+    duration in seconds the run ranked it by on the critical path, and
+    ``estimate_source`` where that came from: ``"hint"`` (its
+    ``expected_duration``), ``"learned (n samples)"`` or ``"none"`` (it
+    counted as one hop).
     """
 
     name: str
@@ -107,6 +111,8 @@ class TaskSummary:
     declared_criticality: str | None = None
     logs: tuple[str, ...] = ()
     dependencies: tuple[str, ...] = ()
+    estimate: float | None = None
+    estimate_source: str = "none"
 
 
 @dataclass(frozen=True, slots=True)

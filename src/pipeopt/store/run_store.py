@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pipeopt._validate import check_float, check_int
 from pipeopt.errors import RunStoreError
 from pipeopt.result import RunResult
+from pipeopt.store import estimates as learned_store
 from pipeopt.store.connection import Database, SharedConnection
 from pipeopt.store.liveness import HOST, process_start
 from pipeopt.store.queries import RunReader
@@ -26,6 +27,7 @@ from pipeopt.store.structure import StructureEncoder, differences
 from pipeopt.store.writer import End, Flush, Writer
 
 if TYPE_CHECKING:
+    from pipeopt.estimates import LearnedDurations, TaskEstimates
     from pipeopt.graph import CompiledPipeline
     from pipeopt.hooks import RunObserver
 
@@ -84,6 +86,7 @@ class RunStore:
         self._writer: Writer | None = None
         self._active: dict[str, Recorder] = {}
         self._sources: dict[str, str] = {}
+        self._mapped: dict[str, frozenset[str]] = {}  # per recording run, its mapped tasks
         self._encoder = StructureEncoder()
         self._reader = RunReader(self._db, self._active.__contains__)
         self._shared = SharedConnection(self._db)
@@ -112,8 +115,11 @@ class RunStore:
         workers: int,
         resumed_from: str | None,
         params: Mapping[str, Any] | None = None,
+        estimates: TaskEstimates | None = None,
     ) -> RunObserver:
         """Record the start of a run and return the observer that records its attempts.
+
+        ``estimates`` are the durations its tasks are ranked by, kept for ``show``.
 
         Raises:
             RunStoreError: the store is locked, closed or read-only, or already has ``run_id``.
@@ -159,6 +165,8 @@ class RunStore:
                         "INSERT INTO run_params (run, params) VALUES (?, ?)",
                         (key, pickle.dumps(dict(params), protocol=PICKLE_PROTOCOL)),
                     )
+                if estimates is not None:
+                    learned_store.save_used(conn, key, compiled.names, estimates)
             if self._writer is None:
                 self._writer = Writer(
                     self._connect_writer,
@@ -177,6 +185,9 @@ class RunStore:
             )
             self._writer.add(recorder)
             self._active[run_id] = recorder
+            self._mapped[run_id] = frozenset(
+                compiled.names[i] for i, source in enumerate(compiled.map_sources) if source >= 0
+            )
         return recorder
 
     def end_run(self, result: RunResult) -> None:
@@ -196,7 +207,9 @@ class RunStore:
             return
         recorder.release_held()
         writer = recorder.writer
-        end = End(recorder, result)
+        with self._lock:
+            mapped = self._mapped.pop(result.run_id, frozenset())
+        end = End(recorder, result, mapped)
         writer.submit(end)
         writer.wait(end)
         with self._lock:
@@ -293,6 +306,26 @@ class RunStore:
         run_id = self.resolve_run(run_id)
         with self._shared.reading(f"read run {run_id}") as conn:
             return self._reader.detail(conn, run_id)
+
+    def learned_durations(self, pipeline: str) -> LearnedDurations:
+        """Return the task durations learned from the runs of ``pipeline`` (one read).
+
+        A store that cannot be read, or a damaged record, gives no durations
+        (logged as a warning): the run then ranks without them.
+        """
+        try:
+            with self._shared.reading(f"read the learned durations of {pipeline!r}") as conn:
+                return learned_store.load(conn, pipeline)
+        except Exception as exc:
+            _log.warning(
+                "pipeline %r: learned durations unreadable, ranking without them: %s: %s",
+                pipeline,
+                type(exc).__name__,
+                exc,
+            )
+            from pipeopt.estimates import LearnedDurations
+
+            return LearnedDurations((), (), ())
 
     # -- resuming --------------------------------------------------------------------
 

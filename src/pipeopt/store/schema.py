@@ -20,16 +20,22 @@ One file, ``<state_dir>/runs.sqlite``, in WAL mode with ``synchronous=NORMAL``:
 ``run_params``  (schema 3) per run, its parameters (pickled), which resume
                 reuses;
 ``task_logs``   (schema 3) per run, the captured log records of the tasks
-                that logged (a pickled dict of task name to lines).
+                that logged (a pickled dict of task name to lines);
+``task_estimates`` (schema 4) per pipeline, the durations learned from
+                its runs' successful attempts (see :mod:`.estimates`);
+``run_estimates`` (schema 4) per run, the estimate each task was ranked by.
 
 Attempts go in batches rather than a row each because a row costs about as
 much as scheduling a task: batches keep the store within 2 µs per task
 (``benchmarks/store_overhead.py``).
 
-Versions: 1 had no ``run_locks``, 2 no ``run_params`` and ``task_logs``;
-opening an older store for writing adds the tables. A store of a newer
-version is refused, because an older pipeopt would not honour what it added
-(schema 2: the locks; schema 3: the parameters resume must reuse).
+Versions: 1 had no ``run_locks``, 2 no ``run_params`` and ``task_logs``,
+3 no ``task_estimates`` and ``run_estimates``; opening an older store for
+writing adds the tables in place (its runs stay; durations are learned from
+the runs that end from then on). Read-only, an older store reads as it is.
+A store of a newer version is refused, because an older pipeopt would not
+honour what it added (schema 2: the locks; schema 3: the parameters resume
+must reuse; schema 4: the learned durations it would let go stale).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -99,6 +105,21 @@ CREATE TABLE IF NOT EXISTS task_logs (
     payload BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS task_logs_by_run ON task_logs (run);
+CREATE TABLE IF NOT EXISTS task_estimates (
+    pipeline TEXT PRIMARY KEY,
+    updated_at REAL NOT NULL,
+    tasks INTEGER NOT NULL,
+    names BLOB NOT NULL,
+    seconds BLOB NOT NULL,
+    samples BLOB NOT NULL,
+    windows BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_estimates (
+    run INTEGER PRIMARY KEY,
+    names BLOB NOT NULL,
+    seconds BLOB NOT NULL,
+    samples BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS run_locks (
     run_id TEXT PRIMARY KEY,
     host TEXT NOT NULL,

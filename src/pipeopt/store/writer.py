@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from pipeopt.result import RunResult, TaskState
+from pipeopt.store import estimates
 from pipeopt.store.recorder import Recorder
 from pipeopt.store.records import (
     NOTHING,
@@ -75,11 +76,15 @@ class End:
     """The end of a run, queued after its last event; ``done`` is set once handled.
 
     ``error`` says why the record is incomplete; ``None`` when all was written.
+    ``mapped`` names the run's mapped tasks, whose items learn durations as one.
     """
 
-    def __init__(self, recorder: Recorder, result: RunResult) -> None:
+    def __init__(
+        self, recorder: Recorder, result: RunResult, mapped: frozenset[str] = frozenset()
+    ) -> None:
         self.recorder = recorder
         self.result = result
+        self.mapped = mapped
         self.done = threading.Event()
         self.error: str | None = None
         self.written = False  # the status and counts are committed
@@ -139,6 +144,7 @@ class End:
                 )
             conn.execute("DELETE FROM finals WHERE run = ?", (key,))  # a retried commit
             conn.execute("INSERT INTO finals (run, payload) VALUES (?, ?)", (key, payload))
+            self._learn(conn)
         conn.execute(
             "UPDATE runs SET ended_at = ?, status = ?, counts = ? WHERE id = ?",
             (
@@ -148,6 +154,20 @@ class End:
                 key,
             ),
         )
+
+    def _learn(self, conn: sqlite3.Connection) -> None:
+        try:
+            estimates.record(conn, self.recorder.pipeline, self.result, self.mapped)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # a damaged estimates row must not cost the run its record
+            _log.warning(
+                "run %s: learned durations of pipeline %r not updated: %s: %s",
+                self.recorder.run_id,
+                self.recorder.pipeline,
+                type(exc).__name__,
+                exc,
+            )
 
 
 class Flush:

@@ -1,0 +1,110 @@
+"""Learned durations at scale: what loading, using and updating them costs per task.
+
+A 100,000-task pipeline (no-op bodies, 20 layers, each task on 1-3 tasks of
+the layer before) runs once into a temporary run store, so that every task
+has a learned duration. Then, side by side in this process:
+
+* ``load``: ``RunStore.learned_durations`` (one query of the pipeline's
+  summary row) — the cost a run start pays (target: <= 1 µs per task);
+* ``plan``: each task's estimate: its hint, else learned, else none;
+* ``reestimate``: the critical path recomputed with those costs;
+* ``compile``: ``Pipeline.compile()``, for scale;
+* ``update``: folding one run's 100,000 attempts into the summary, which the
+  end of each recorded run pays in the store's writer thread.
+
+Usage::
+
+    python benchmarks/learned_durations.py                 # 100,000 tasks
+    python benchmarks/learned_durations.py --tasks 10000 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+from pipeopt import Pipeline, PipelineOptimizer, PipelineTask
+from pipeopt.estimates import plan
+from pipeopt.store import RunStore
+from pipeopt.store import estimates as stored
+
+LAYERS = 20
+
+
+def _noop(**_: object) -> None:
+    return None
+
+
+def layered(tasks: int, seed: int = 1) -> Pipeline:
+    """Return ``tasks`` no-op tasks in ``LAYERS`` layers, each on 1-3 tasks of the layer before."""
+    rng = random.Random(seed)
+    pipeline = Pipeline("learned-scale")
+    width = max(1, tasks // LAYERS)
+    previous: list[str] = []
+    for k in range(tasks):
+        layer, slot = divmod(k, width)
+        name = f"t{layer}_{slot}"
+        deps = rng.sample(previous, min(len(previous), rng.randint(1, 3))) if layer else []
+        pipeline.add(PipelineTask(name, _noop, dependencies=deps))
+        if slot == width - 1:
+            previous = [f"t{layer}_{s}" for s in range(width)]
+    return pipeline
+
+
+def timed(repeat: int, step: Callable[[], object]) -> float:
+    """Return the median seconds of ``repeat`` calls of ``step``."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the pipeline once into a temporary store, then time each step."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions (median is shown)")
+    args = parser.parse_args(argv)
+    pipeline = layered(args.tasks)
+    with tempfile.TemporaryDirectory() as folder:
+        with PipelineOptimizer(max_workers=8, state_dir=folder) as optimizer:
+            result = optimizer.run(pipeline)
+        result.raise_for_status()
+        with RunStore(folder) as store:
+            learned = store.learned_durations(pipeline.name)
+            assert len(learned) == args.tasks, len(learned)
+            compiled = pipeline.compile()
+            estimates = plan(compiled, learned)
+            figures = {
+                "load": timed(args.repeat, lambda: store.learned_durations(pipeline.name)),
+                "plan": timed(args.repeat, lambda: plan(compiled, learned)),
+                "reestimate": timed(args.repeat, lambda: compiled.reestimate(estimates.costs())),
+                "compile": timed(args.repeat, pipeline.compile),
+            }
+        conn = RunStore(folder)._db.connect(writer=True)
+        try:
+
+            def update() -> None:
+                conn.execute("BEGIN IMMEDIATE")
+                stored.record(conn, pipeline.name, result, ())
+                conn.execute("ROLLBACK")
+
+            figures["update"] = timed(args.repeat, update)
+        finally:
+            conn.close()
+    print(f"| step ({args.tasks:,} tasks, median of {args.repeat}) | total | per task |")
+    print("|---|---|---|")
+    for step, seconds in figures.items():
+        print(f"| {step} | {seconds * 1e3:.1f} ms | {seconds / args.tasks * 1e6:.2f} µs |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

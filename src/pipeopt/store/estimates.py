@@ -1,0 +1,109 @@
+"""Learned task durations in the run store: kept up to date as runs end, loaded in one read.
+
+``task_estimates`` holds one row per pipeline: its tasks' names, estimates,
+sample counts and sample windows, each column a blob (see
+:class:`~pipeopt.estimates.LearnedDurations`). A run's end folds its
+successful attempts in, in the transaction that records the end, so runs of
+one pipeline ending in several processes each see the others' samples.
+Loading reads the names, estimates and counts only: a few C-level copies for
+100,000 tasks, where a row per task would cost more than the budget of 1 µs
+per task (``benchmarks/learned_durations.py``).
+
+``run_estimates`` keeps, per run, the estimate each task was ranked by and
+where it came from, so that ``pipeopt show`` tells what the run used.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import time
+from array import array
+from collections.abc import Iterable
+
+from pipeopt.estimates import LearnedDurations, TaskEstimates, learn, run_samples
+from pipeopt.result import RunResult
+from pipeopt.store.records import PICKLE_PROTOCOL
+
+
+def load(conn: sqlite3.Connection, pipeline: str, *, windows: bool = False) -> LearnedDurations:
+    """Return the durations learned for ``pipeline`` (empty when none).
+
+    ``windows`` also loads the recent samples (needed to learn more, not to rank).
+    """
+    columns = "names, seconds, samples" + (", windows" if windows else "")
+    try:
+        row = conn.execute(
+            f"SELECT {columns} FROM task_estimates WHERE pipeline = ?", (pipeline,)
+        ).fetchone()
+    except sqlite3.OperationalError:  # a store of schema 3, opened read-only
+        return LearnedDurations((), (), ())
+    if row is None:
+        return LearnedDurations((), (), ())
+    names = pickle.loads(row[0])
+    seconds = array("d")
+    seconds.frombytes(row[1])
+    samples = array("q")
+    samples.frombytes(row[2])
+    kept = pickle.loads(row[3]) if windows else ()
+    return LearnedDurations(names, seconds, samples, kept)
+
+
+def record(
+    conn: sqlite3.Connection, pipeline: str, result: RunResult, mapped: Iterable[str]
+) -> None:
+    """Fold the successful attempts of ``result`` into ``pipeline``'s learned durations."""
+    new = run_samples(result, mapped)
+    old = load(conn, pipeline, windows=True)
+    if not new and not len(old):
+        return
+    learned = learn(old, new, result.tasks)
+    conn.execute(
+        "INSERT OR REPLACE INTO task_estimates "
+        "(pipeline, updated_at, tasks, names, seconds, samples, windows) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            pipeline,
+            time.time(),
+            len(learned),
+            pickle.dumps(learned.names, protocol=PICKLE_PROTOCOL),
+            array("d", learned.seconds).tobytes(),
+            array("q", learned.samples).tobytes(),
+            pickle.dumps(learned.windows, protocol=PICKLE_PROTOCOL),
+        ),
+    )
+
+
+def save_used(
+    conn: sqlite3.Connection, key: int, names: list[str], estimates: TaskEstimates
+) -> None:
+    """Record the estimates a run (``runs.id`` ``key``) used, for the tasks that had one."""
+    kept = [i for i, s in enumerate(estimates.seconds) if s is not None]
+    if not kept:
+        return
+    conn.execute(
+        "INSERT OR REPLACE INTO run_estimates (run, names, seconds, samples) VALUES (?, ?, ?, ?)",
+        (
+            key,
+            pickle.dumps(tuple([names[i] for i in kept]), protocol=PICKLE_PROTOCOL),
+            array("d", [estimates.seconds[i] or 0.0 for i in kept]).tobytes(),
+            array("q", [estimates.samples[i] for i in kept]).tobytes(),
+        ),
+    )
+
+
+def load_used(conn: sqlite3.Connection, key: int) -> dict[str, tuple[float, int]]:
+    """Return ``{task: (seconds, samples code)}`` of the estimates run ``key`` used."""
+    try:
+        row = conn.execute(
+            "SELECT names, seconds, samples FROM run_estimates WHERE run = ?", (key,)
+        ).fetchone()
+    except sqlite3.OperationalError:  # a store of schema 3, opened read-only
+        return {}
+    if row is None:
+        return {}
+    seconds = array("d")
+    seconds.frombytes(row[1])
+    samples = array("q")
+    samples.frombytes(row[2])
+    return LearnedDurations(pickle.loads(row[0]), seconds, samples).lookup()

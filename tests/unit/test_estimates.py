@@ -1,0 +1,75 @@
+"""Duration estimates: windows and medians, each task's source, critical paths recomputed."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeopt import Pipeline, PipelineTask
+from pipeopt.estimates import (
+    HINT,
+    NONE,
+    WINDOW,
+    LearnedDurations,
+    estimate_text,
+    learn,
+    median,
+    plan,
+)
+
+
+def test_median_of_odd_and_even_windows() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert median([0.5]) == 0.5
+
+
+def test_a_window_keeps_the_latest_samples_and_counts_all() -> None:
+    first = learn(None, {"a": [1.0, 100.0], "b": [2.0]}, keep=["a", "b"])
+    assert first.lookup() == {"a": (50.5, 2), "b": (2.0, 1)}
+    later = first
+    for _ in range(WINDOW):
+        later = learn(later, {"a": [3.0]}, keep=["a", "b"])
+    assert later.windows[0] == (3.0,) * WINDOW  # the outlier has left the window
+    assert later.lookup() == {"a": (3.0, 2 + WINDOW), "b": (2.0, 1)}
+
+
+def test_an_outlier_does_not_move_the_median() -> None:
+    learned = learn(None, {"a": [1.0, 1.1, 0.9]}, keep=["a"])
+    learned = learn(learned, {"a": [60.0]}, keep=["a"])
+    assert learned.lookup()["a"][0] == pytest.approx(1.05)
+
+
+def test_tasks_no_longer_in_the_pipeline_are_dropped() -> None:
+    learned = learn(None, {"a": [1.0], "gone": [2.0]}, keep=["a", "gone"])
+    assert set(learn(learned, {}, keep=["a", "new"]).lookup()) == {"a"}
+
+
+def test_plan_prefers_the_hint_then_learned_then_none() -> None:
+    pipeline = Pipeline("p")
+    pipeline.add(PipelineTask("hinted", print, expected_duration=0.25))
+    pipeline.add(PipelineTask("known", print))
+    pipeline.add(PipelineTask("new", print))
+    learned = LearnedDurations(("hinted", "known"), [9.0, 2.0], [4, 3])
+    estimates = plan(pipeline.compile(), learned)
+    assert estimates.seconds == [0.25, 2.0, None]
+    assert estimates.samples == [HINT, 3, NONE]
+    assert estimates.learned == 1
+    assert estimates.costs() == [0.25, 2.0, 1.0]
+    assert [estimates.source(i) for i in range(3)] == ["hint", "learned (3 samples)", "none"]
+    assert estimate_text(2.0, 1) == "2s (learned (1 sample))"
+    assert estimate_text(None, NONE) == "none"
+
+
+def test_reestimate_recomputes_the_critical_path_only() -> None:
+    pipeline = Pipeline("p")
+    pipeline.add(PipelineTask("a", print, criticality="low"))
+    pipeline.add(PipelineTask("b", print, dependencies=["a"], criticality="high"))
+    pipeline.add(PipelineTask("c", print, dependencies=["a"]))
+    compiled = pipeline.compile()
+    assert compiled.critical_path == [2.0, 1.0, 1.0]
+    levels, order = list(compiled.levels), list(compiled.order)
+    compiled.reestimate([0.5, 1.0, 3.0])
+    assert compiled.critical_path == [3.5, 1.0, 3.0]
+    assert (compiled.levels, compiled.order) == (levels, order)
+    with pytest.raises(ValueError, match="one entry per task"):
+        compiled.reestimate([1.0])
