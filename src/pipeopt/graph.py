@@ -63,8 +63,8 @@ class PipelineTask:
         func: the body; a plain function, an ``async def`` function, a
             generator (its items are collected into a list) or an async
             generator.
-        dependencies: names of (or the tasks themselves) that must succeed
-            first.
+        dependencies: names of (or the tasks themselves) that must finish
+            first; by default they must succeed (see ``trigger``).
         criticality: one of ``blocker``, ``critical``, ``high``, ``medium``,
             ``low``, ``deferred``.
         retry_policy: how failed attempts are retried; ``None`` for one attempt.

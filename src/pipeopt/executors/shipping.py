@@ -3,14 +3,15 @@
 Policy
     A function goes *by reference* (module and name, plain :mod:`pickle`)
     when that name leads a worker to the same function: a module-level
-    function of a module the worker can import. Everything else goes *by
-    value* with :mod:`cloudpickle`: the function's code, the variables it
-    closes over and the module globals it uses. That covers a
-    ``@pipeline.task``-decorated function (its module-level name is bound to
-    the :class:`~pipeopt.graph.PipelineTask`, not to the function),
-    closures, lambdas, partials of any of these, functions of an
-    interactive ``__main__``, and functions of a file loaded by path, such
-    as the one ``pipeopt run`` loads, which no worker can import by name.
+    function of a module the worker can import, or the function of a
+    ``@pipeline.task``-decorated name there (its module-level name is bound
+    to the :class:`~pipeopt.graph.PipelineTask`, so :class:`TaskFunction`
+    names the task and the worker takes its ``func``). Everything else goes
+    *by value* with :mod:`cloudpickle`: the function's code, the variables
+    it closes over and the module globals it uses. That covers closures,
+    lambdas, partials of any of these, functions of an interactive
+    ``__main__``, and functions of a file loaded by path, such as the one
+    ``pipeopt run`` loads, which no worker can import by name.
 
     Whether a worker can import a module is decided once per module: it
     must be found on ``sys.path`` by its name (a file loaded by path is
