@@ -169,8 +169,9 @@ class ContextBase:
     def record_custom_metric(self, name: str, value: float) -> None:
         """Record a named number for this task (last value wins).
 
-        It appears in the task's outcome, the dashboard and as
-        ``pipeline_task_custom_metric{task, name}``.
+        It appears in the task's outcome, the live dashboard and as
+        ``pipeline_task_custom_metric{pipeline, group, task, name}``; the run
+        store does not keep it.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"metric name must be a non-empty string, got {name!r}")
@@ -230,7 +231,9 @@ class ContextBase:
 
         The counts land in the task's custom metrics: ``rows_written``,
         ``rows_dead_lettered`` and ``rows_skipped`` (already loaded by an
-        earlier attempt or run), summed over its loads and attempts.
+        earlier attempt or run), summed over its loads and attempts. A call
+        that ends with an exception of ``rows`` itself (a failing generator)
+        adds nothing there; the ledger still counts its committed batches.
         """
         from pipeopt.sinks import LoadOrigin, WriteAbortedError, WriteCancelledError, write_batches
         from pipeopt.sinks.write import sink_table

@@ -134,8 +134,8 @@ def read_csv_chunks(
             ``dtype``, ``compression``, ...).
 
     Raises:
-        TypeError: ``chunk_size`` is not an integer, or ``chunksize`` or
-            ``iterator`` is among the keyword arguments.
+        TypeError: ``chunk_size`` is not an integer, or ``chunksize``,
+            ``iterator`` or ``nrows`` is among the keyword arguments.
         ValueError: ``chunk_size`` is below 1.
         FileNotFoundError: ``path`` is a local path that does not exist.
         ImportError: pandas is not installed.
