@@ -1,0 +1,87 @@
+"""The reference pages cover what the code defines: commands, flags, variables, public names.
+
+The command-line and environment pages are generated at build time by
+``docs/_hooks/reference.py`` from the parser; these tests hold the generator
+to every flag and to every ``PIPEOPT_*`` variable the package reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from pipeopt.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT / "docs" / "reference"
+
+
+def _hook() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "docs_reference_hook", ROOT / "docs" / "_hooks" / "reference.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def hook() -> ModuleType:
+    return _hook()
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_command_and_flag_is_in_the_cli_reference(hook: ModuleType) -> None:
+    parser = build_parser()
+    text = hook.cli_reference(parser)
+    commands = _subparsers(parser)
+    assert commands
+    for name, sub in commands.items():
+        section = text.split(f"## pipeopt {name}\n", 1)[1].split("\n## ", 1)[0]
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            for option in action.option_strings:
+                assert f"`{option}`" in section, f"pipeopt {name} {option}"
+            if not action.option_strings:
+                assert f"`{action.metavar or action.dest}`" in section, f"pipeopt {name}"
+            assert action.help, f"pipeopt {name} {action.option_strings or action.dest}: no help"
+    assert "`--version`" in text
+
+
+def test_the_reference_pages_hold_the_markers(hook: ModuleType) -> None:
+    assert hook.CLI_MARKER in (REFERENCE / "cli.md").read_text(encoding="utf-8")
+    assert hook.ENVIRONMENT_MARKER in (REFERENCE / "environment.md").read_text(encoding="utf-8")
+
+
+def _variables_in_source() -> set[str]:
+    found = set()
+    for path in (ROOT / "src" / "pipeopt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found.update(re.findall(r"\bPIPEOPT_[A-Z0-9_]*[A-Z0-9]\b", node.value))
+    return found
+
+
+def test_every_environment_variable_the_package_reads_is_documented(hook: ModuleType) -> None:
+    in_source = _variables_in_source()
+    assert "PIPEOPT_WORKERS" in in_source
+    documented = set(hook.variables(build_parser()))
+    assert in_source <= documented, f"not in any option's help: {sorted(in_source - documented)}"
+    table = hook.environment_reference()
+    for variable in in_source:
+        assert f"| `{variable}` |" in table
