@@ -8,9 +8,14 @@ Policy
 
 Aging
     An item waiting in the queue is promoted one level for every
-    ``aging_interval`` seconds it waits, so ``deferred`` work waits at most
-    about ``5 * aging_interval`` behind a sustained stream of ``blocker`` or
-    ``critical`` work. ``aging_interval=None`` gives strict priority.
+    ``aging_interval`` seconds it waits, up to ``blocker`` (level 0), so
+    ``deferred`` work waits at most about ``5 * aging_interval`` behind a
+    sustained stream of ``critical`` work. Promotion stops at level 0, where
+    ``rank`` still comes before arrival: with equal ranks (as in
+    :class:`PriorityJobQueue`) the promoted item is the oldest and goes
+    first; a stream of ``blocker`` items of lower rank (the scheduler's
+    longer critical paths) keeps going ahead of it. ``aging_interval=None``
+    gives strict priority.
 
 State
     One heap per level keyed ``(rank, seq)`` plus, when aging, a FIFO of the

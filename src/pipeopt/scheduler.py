@@ -7,7 +7,9 @@ Policy
     tasks leave the queue by effective criticality (inherited from the tasks
     that wait on them), then by remaining critical path (longest first), then
     first in, first out; waiting ages a task one level per
-    ``aging_interval`` so low criticality work is never starved.
+    ``aging_interval``, up to ``blocker``, so low criticality work is not
+    starved by ``critical`` work (a stream of ``blocker`` tasks with longer
+    critical paths still goes first; see :mod:`pipeopt.priority`).
 
 State (:class:`SchedulerCore`, no threads and no I/O)
     per task: unmet dependency count and a :class:`TaskOutcome`; a
