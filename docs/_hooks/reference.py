@@ -1,10 +1,12 @@
-"""MkDocs hook: the command-line and environment references, generated from the parser.
+"""MkDocs hook: reference tables generated from the parser and from pyproject.toml.
 
 ``docs/reference/cli.md`` and ``docs/reference/environment.md`` hold a marker
 comment each; at build time the marker is replaced by tables read from
 ``pipeopt.cli.build_parser()``: every command, argument, default, choice and
-help text, and every ``$PIPEOPT_*`` variable the help texts name. Nothing is
-listed by hand, so the pages cannot drift from the command.
+help text, and every ``$PIPEOPT_*`` variable the help texts name.
+``<!-- extra-packages: NAME -->`` becomes the requirements of the extra
+``NAME`` as pyproject.toml declares them (an unknown name fails the build).
+Nothing is listed by hand, so the pages cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 CLI_MARKER = "<!-- cli-reference -->"
 ENVIRONMENT_MARKER = "<!-- environment-reference -->"
+_EXTRA = re.compile(r"<!-- extra-packages: (?P<name>[a-z0-9-]+) -->")
 _VARIABLE = re.compile(r"\$?(PIPEOPT_[A-Z0-9_]+)")
 _MARKDOWN_SPECIAL = re.compile(r"([\\*_\[\]|<>`])")
 
@@ -145,8 +149,29 @@ def environment_reference(parser: argparse.ArgumentParser | None = None) -> str:
     return "\n".join(rows)
 
 
+def extras() -> dict[str, list[str]]:
+    """Return each extra of pyproject.toml and its requirements."""
+    with (SRC.parent / "pyproject.toml").open("rb") as file:
+        project = tomllib.load(file)["project"]
+    return dict(project["optional-dependencies"])
+
+
+def extra_packages(name: str, declared: dict[str, list[str]] | None = None) -> str:
+    """Return the Markdown of an extra's install command and requirements.
+
+    Raises:
+        KeyError: pyproject.toml declares no extra ``name``.
+    """
+    declared = extras() if declared is None else declared
+    if name not in declared:
+        raise KeyError(f"pyproject.toml has no extra {name!r}; extras: {', '.join(declared)}")
+    items = ", ".join(f"`{requirement}`" for requirement in declared[name])
+    return f"`pip install 'pipeopt[{name}]'` installs {items}."
+
+
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     """Fill the reference pages' markers (an MkDocs event)."""
+    markdown = _EXTRA.sub(lambda match: extra_packages(match["name"]), markdown)
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_reference())
     if ENVIRONMENT_MARKER in markdown:

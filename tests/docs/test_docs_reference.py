@@ -85,3 +85,17 @@ def test_every_environment_variable_the_package_reads_is_documented(hook: Module
     table = hook.environment_reference()
     for variable in in_source:
         assert f"| `{variable}` |" in table
+
+
+def test_every_extra_is_described_and_every_install_hint_names_one(hook: ModuleType) -> None:
+    declared = hook.extras()
+    page = (REFERENCE / "extras.md").read_text(encoding="utf-8")
+    described = set(re.findall(r"<!-- extra-packages: ([a-z0-9-]+) -->", page))
+    assert described == set(declared)
+    hints = set()
+    for path in (ROOT / "src" / "pipeopt").rglob("*.py"):
+        hints.update(re.findall(r"pipeopt\[([a-z0-9-]+)\]", path.read_text(encoding="utf-8")))
+    assert hints
+    assert hints <= set(declared), f"install hints name no extra: {sorted(hints - set(declared))}"
+    with pytest.raises(KeyError, match="no extra 'nope'"):
+        hook.extra_packages("nope", declared)
