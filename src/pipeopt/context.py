@@ -231,33 +231,27 @@ class ContextBase:
 
         The counts land in the task's custom metrics: ``rows_written``,
         ``rows_dead_lettered`` and ``rows_skipped`` (already loaded by an
-        earlier attempt or run), summed over its loads and attempts. A call
-        that ends with an exception of ``rows`` itself (a failing generator)
-        adds nothing there; the ledger still counts its committed batches.
+        earlier attempt or run), summed over its loads and attempts, however
+        each call ended (an exception of ``rows`` itself included).
         """
-        from pipeopt.sinks import LoadOrigin, WriteAbortedError, WriteCancelledError, write_batches
+        from pipeopt.sinks import LoadOrigin, write_batches
         from pipeopt.sinks.write import sink_table
 
         key = self.load_key(sink) if load_id is None else None
         table = sink_table(sink)
         self._loads[table] = self._loads.get(table, 0) + 1
-        try:
-            report = write_batches(
-                rows,
-                sink,
-                self._get_batcher(),
-                on_batch=self._batch_done,
-                load_id=load_id,
-                load_key=key,
-                max_dead_letters=max_dead_letters,
-                cancelled=lambda: self.cancelled,
-                origin=LoadOrigin(self.run_id, self.task, self.attempt),
-            )
-        except (WriteAbortedError, WriteCancelledError) as exc:
-            self._count(exc.report)
-            raise
-        self._count(report)
-        return report
+        return write_batches(
+            rows,
+            sink,
+            self._get_batcher(),
+            on_batch=self._batch_done,
+            load_id=load_id,
+            load_key=key,
+            max_dead_letters=max_dead_letters,
+            cancelled=lambda: self.cancelled,
+            origin=LoadOrigin(self.run_id, self.task, self.attempt),
+            on_report=self._count,
+        )
 
     def _count(self, report: WriteReport) -> None:
         for name, value in (

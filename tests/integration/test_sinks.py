@@ -767,3 +767,30 @@ def test_a_context_keys_each_load_by_lineage_task_table_and_ordinal(tmp_path: Pa
         ("run-1/load/t#2", 1, "run-2", 2),
     ]
     assert context._custom["rows_written"] == 4
+
+
+def test_a_task_counts_what_a_load_committed_before_its_input_failed(tmp_path: Path) -> None:
+    from pipeopt import Pipeline, PipelineOptimizer, RetryPolicy
+    from pipeopt.context import TaskContext
+
+    def extract(attempt: int) -> Iterator[tuple[int]]:
+        for i in range(5_000):
+            if attempt == 1 and i == 2_500:
+                raise ConnectionError("the source went away")
+            yield (i,)
+
+    p = Pipeline("counts")
+
+    @p.task(retry_policy=RetryPolicy(max_attempts=2, base_delay=0))
+    def load(context: TaskContext) -> int:
+        with SQLiteSink(tmp_path / "t.db", "t", columns=["id"], create=True) as sink:
+            return context.write_batches(extract(context.attempt), sink).rows_written
+
+    result = PipelineOptimizer(batch_latency_slo=None, batch_size=1_000).run(p)
+    assert result.results["load"] == 3_000
+    metrics = result.tasks["load"].custom_metrics
+    # 2,000 committed by the attempt whose input failed, 3,000 by the retry.
+    assert (metrics["rows_written"], metrics["rows_skipped"]) == (5_000, 2_000)
+    assert sqlite_rows(tmp_path / "t.db", "SELECT count(DISTINCT id), count(*) FROM t") == [
+        (5_000, 5_000)
+    ]

@@ -379,6 +379,7 @@ def write_batches(
     max_dead_letters: int | float | None = 0.1,
     cancelled: Callable[[], bool] | None = None,
     origin: LoadOrigin | None = None,
+    on_report: Callable[[WriteReport], None] | None = None,
 ) -> WriteReport:
     """Write ``rows`` to ``sink`` in batches sized by ``batcher``; dead-letter the bad rows.
 
@@ -410,6 +411,9 @@ def write_batches(
             which more than a tenth of the rows are refused.
         cancelled: asked before every write; true stops the load.
         origin: the run, task and attempt stored with the ledger and dead letters.
+        on_report: called once with the call's report however it ends —
+            returned, aborted, cancelled, or stopped by an exception of
+            ``rows`` itself (a failing generator), which no report rides on.
 
     Returns:
         The counts, sizes and times of the call.
@@ -442,10 +446,21 @@ def write_batches(
         cancelled=cancelled,
         origin=origin or LoadOrigin(),
     )
+    if on_report is None:
+        return _load(loader, source, batcher)
+    try:
+        return _load(loader, source, batcher)
+    finally:
+        on_report(loader.progress.report())
+
+
+def _load(loader: _Loader, source: RowSource, batcher: Planner) -> WriteReport:
+    """Run the load of :func:`write_batches` from its ledger to the end of ``source``."""
     progress = loader.progress
+    sink = loader.sink
     loader.check_cancelled()
     try:
-        found = sink.begin_load(key, loader.origin)
+        found = sink.begin_load(loader.key, loader.origin)
     except Exception as exc:
         raise WriteAbortedError(
             f"cannot start the load: {describe_error(exc)}", progress.report()
