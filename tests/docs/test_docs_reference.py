@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -99,3 +100,46 @@ def test_every_extra_is_described_and_every_install_hint_names_one(hook: ModuleT
     assert hints <= set(declared), f"install hints name no extra: {sorted(hints - set(declared))}"
     with pytest.raises(KeyError, match="no extra 'nope'"):
         hook.extra_packages("nope", declared)
+
+
+def _headings(page: Path) -> set[str]:
+    text = page.read_text(encoding="utf-8")
+    return {match.strip("` ") for match in re.findall(r"^#{2,4} (.+)$", text, re.MULTILINE)}
+
+
+def test_every_error_class_has_a_troubleshooting_entry() -> None:
+    import pipeopt.errors
+
+    classes = {
+        name
+        for name, value in vars(pipeopt.errors).items()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == "pipeopt.errors"
+    }
+    assert {"PipeoptError", "CycleError", "RunInterrupted"} <= classes
+    missing = classes - _headings(ROOT / "docs" / "troubleshooting.md")
+    assert not missing, f"no heading in docs/troubleshooting.md for {sorted(missing)}"
+
+
+def _documented(pages: list[str]) -> set[str]:
+    found = set()
+    for page in pages:
+        text = (REFERENCE / page).read_text(encoding="utf-8")
+        found.update(re.findall(r"^::: ([\w.]+)", text, re.MULTILINE))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("module", "page"),
+    [("pipeopt", "api.md"), ("pipeopt.sinks", "sinks.md"), ("pipeopt.executors", "executors.md")],
+)
+def test_every_public_name_has_an_api_reference(module: str, page: str) -> None:
+    exported = importlib.import_module(module).__all__
+    directives = _documented([page])
+    # `::: module` renders every name in its __all__; otherwise each name needs its own.
+    if module in directives:
+        return
+    missing = {name for name in exported if f"{module}.{name}" not in directives}
+    errors = {name for name in missing if f"pipeopt.errors.{name}" in _documented(["errors.md"])}
+    assert not missing - errors, f"{page} lacks {sorted(missing - errors)}"
