@@ -27,13 +27,16 @@ for each dependency (or mapped item) that did not succeed.
 
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
 import inspect
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from pipeopt._gc import holding_gc
 from pipeopt._validate import check_float
 from pipeopt.errors import (
     CycleError,
@@ -54,7 +57,7 @@ BodyKind = Literal["function", "coroutine", "generator", "async_generator"]
 TRIGGERS: tuple[str, ...] = ("all_success", "all_done", "any_success")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PipelineTask:
     """One unit of work in a pipeline.
 
@@ -114,20 +117,6 @@ class PipelineTask:
         if not callable(self.func):
             raise NotCallableError(self.name, self.func)
         self.criticality = parse_criticality(self.criticality)
-        if isinstance(self.dependencies, str | PipelineTask):
-            self.dependencies = (self.dependencies,)
-        names: list[str] = []
-        for dep in self.dependencies:
-            dep_name = dep.name if isinstance(dep, PipelineTask) else dep
-            if not isinstance(dep_name, str):
-                raise TypeError(
-                    f"task {self.name!r}: dependencies must be task names or tasks, "
-                    f"got {type(dep).__name__} {dep!r}"
-                )
-            if dep_name == self.name:
-                raise SelfDependencyError(self.name)
-            if dep_name not in names:
-                names.append(dep_name)
         if self.map_over is not None:
             source = self.map_over
             if isinstance(source, PipelineTask):
@@ -137,11 +126,8 @@ class PipelineTask:
                     f"task {self.name!r}: map_over must be a task or a task name, "
                     f"got {type(self.map_over).__name__} {self.map_over!r}"
                 )
-            if source == self.name:
-                raise SelfDependencyError(self.name)
             self.map_over = source
-            if source not in names:
-                names.append(source)
+        self._deps = _dependency_names(self.name, self.dependencies, self.map_source)
         if self.trigger not in TRIGGERS:
             close = difflib.get_close_matches(str(self.trigger), TRIGGERS, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -149,7 +135,6 @@ class PipelineTask:
                 f"task {self.name!r}: trigger must be one of {', '.join(TRIGGERS)}, "
                 f"got {self.trigger!r}{hint}"
             )
-        self._deps = tuple(names)
         self.dependencies = self._deps
         if self.timeout is not None:
             self.timeout = check_float(
@@ -184,6 +169,52 @@ class PipelineTask:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the task's function directly, outside any pipeline."""
         return self.func(*args, **kwargs)
+
+
+def _dependency_names(
+    task: str, dependencies: Iterable[str | PipelineTask] | str | PipelineTask, source: str | None
+) -> tuple[str, ...]:
+    """Return ``task``'s dependency names, deduplicated, with its map source last if missing."""
+    if isinstance(dependencies, str | PipelineTask):
+        dependencies = (dependencies,)
+    names: list[str] = []
+    for dep in dependencies:
+        dep_name = dep.name if isinstance(dep, PipelineTask) else dep
+        if not isinstance(dep_name, str):
+            raise TypeError(
+                f"task {task!r}: dependencies must be task names or tasks, "
+                f"got {type(dep).__name__} {dep!r}"
+            )
+        if dep_name == task:
+            raise SelfDependencyError(task)
+        if dep_name not in names:
+            names.append(dep_name)
+    if source is not None:
+        if source == task:
+            raise SelfDependencyError(task)
+        if source not in names:
+            names.append(source)
+    return tuple(names)
+
+
+def _like(template: PipelineTask, name: str, deps: tuple[str, ...]) -> PipelineTask:
+    """Return a task with ``template``'s settings (already checked) under another name."""
+    task = object.__new__(PipelineTask)
+    task.name = name
+    task.func = template.func
+    task.dependencies = task._deps = deps
+    task.criticality = template.criticality
+    task.retry_policy = template.retry_policy
+    task.circuit_breaker = template.circuit_breaker
+    task.timeout = template.timeout
+    task.expected_duration = template.expected_duration
+    task.cache_key = template.cache_key
+    task.persist = template.persist
+    task.description = template.description
+    task.group = template.group
+    task.map_over = template.map_over
+    task.trigger = template.trigger
+    return task
 
 
 class Pipeline:
@@ -267,6 +298,95 @@ class Pipeline:
             raise DuplicateTaskError(task.name)
         self._tasks[task.name] = task
         return task
+
+    def add_many(
+        self,
+        names: Iterable[str],
+        func: Callable[..., Any],
+        dependencies: Iterable[Iterable[str | PipelineTask] | str | PipelineTask] | None = None,
+        *,
+        criticality: Criticality | str = Criticality.MEDIUM,
+        retry_policy: RetryPolicy | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
+        timeout: float | None = None,
+        expected_duration: float | None = None,
+        cache_key: Callable[..., str] | None = None,
+        persist: bool = True,
+        description: str = "",
+        group: str | None = None,
+        map_over: str | PipelineTask | None = None,
+        trigger: str = "all_success",
+    ) -> list[PipelineTask]:
+        """Add one task per name, all running ``func`` with the same settings; return them.
+
+        The fast way to build a large pipeline from a table: the settings
+        are checked once for all rows, and each row costs a few attribute
+        stores. The rows are checked as a whole before any is added, so a
+        bad row adds nothing. As with :meth:`add`, dependencies may name
+        tasks added later; :meth:`compile` reports unknown ones.
+
+        Args:
+            names: the task names, one per task.
+            func: the body every task runs.
+            dependencies: one row per name, in the same order: the names
+                (or tasks) that task depends on; ``None`` for no dependencies.
+            criticality, retry_policy, circuit_breaker, timeout,
+                expected_duration, cache_key, persist, description, group,
+                map_over, trigger: as for :class:`PipelineTask`, shared by
+                every task.
+
+        Raises:
+            DuplicateTaskError: a name is taken, or given twice.
+            SelfDependencyError: a row names its own task.
+            ValueError: a name is not a non-empty string, or ``dependencies``
+                has more or fewer rows than there are names.
+            PipelineRunningError: the pipeline is running.
+        """
+        if self._running:
+            raise PipelineRunningError(self.name)
+        names = names if isinstance(names, list) else list(names)
+        if not names:
+            return []
+        rows: Iterable[Iterable[str | PipelineTask] | str | PipelineTask]
+        if dependencies is None:
+            rows = itertools.repeat(())
+        else:
+            rows = dependencies if isinstance(dependencies, list) else list(dependencies)
+            if len(rows) != len(names):
+                raise ValueError(
+                    f"add_many: dependencies has {len(rows)} rows for {len(names)} names; "
+                    "give one row (empty for none) per name"
+                )
+        # The first task checks the shared settings once, for every row.
+        template = PipelineTask(
+            names[0],
+            func,
+            (),
+            criticality=criticality,
+            retry_policy=retry_policy,
+            circuit_breaker=circuit_breaker,
+            timeout=timeout,
+            expected_duration=expected_duration,
+            cache_key=cache_key,
+            persist=persist,
+            description=description,
+            group=group,
+            map_over=map_over,
+            trigger=trigger,
+        )
+        source = template.map_source
+        existing = self._tasks
+        added: dict[str, PipelineTask] = {}
+        with holding_gc(len(names)):
+            for name, row in zip(names, rows, strict=False):
+                if not isinstance(name, str) or not name.strip():
+                    raise ValueError(f"task name must be a non-empty string, got {name!r}")
+                if name in existing or name in added:
+                    raise DuplicateTaskError(name)
+                deps = _dependency_names(name, row, source) if row or source else ()
+                added[name] = _like(template, name, deps)
+            existing.update(added)
+        return list(added.values())
 
     @overload
     def task(self, func: Callable[..., Any], /) -> PipelineTask: ...
@@ -356,7 +476,8 @@ class Pipeline:
             CycleError: the graph has a cycle (its tasks listed in order).
             TaskSignatureError: a parameter matches neither ``context`` nor a dependency.
         """
-        return CompiledPipeline(self.name, list(self._tasks.values()), self.params)
+        with holding_gc(len(self._tasks)):
+            return CompiledPipeline(self.name, list(self._tasks.values()), self.params)
 
     def validate(self) -> None:
         """Raise the first problem :meth:`compile` would find; return if none."""
@@ -386,20 +507,53 @@ def _parameters(func: Callable[..., Any]) -> _Params:
     return tuple((p.name, p.kind, p.default is not p.empty) for p in signature.parameters.values())
 
 
-def _injection(
-    task: PipelineTask, cache: dict[Callable[..., Any], tuple[_Params, BodyKind]]
-) -> Injection:
-    func = task.func
-    key: Any = func
+class _Signature:
+    """What one function's signature asks for, and its injections by dependency names.
+
+    A task's :class:`Injection` depends only on which of its dependencies
+    the function names (all of them, with ``**kwargs``) and on its map
+    source, so tasks that share a function and those share one record.
+    """
+
+    __slots__ = ("kind", "known", "names", "params", "var_kw")
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.params = _parameters(func)
+        self.kind = _kind(func)
+        self.names = frozenset(p[0] for p in self.params or ())
+        self.var_kw = any(p[1] is inspect.Parameter.VAR_KEYWORD for p in self.params or ())
+        self.known: dict[object, Injection] = {}
+
+    def injection(self, task: PipelineTask) -> Injection:
+        """Return how to call ``task``'s function (computed once per distinct use).
+
+        Raises:
+            TaskSignatureError: a parameter matches nothing the task can receive.
+        """
+        deps = task._deps
+        named: object = deps if self.var_kw else self.names.intersection(deps) if deps else ()
+        key = (named, task.map_over)
+        found = self.known.get(key)
+        if found is None:
+            found = self.known[key] = _injection_of(task, self.params, self.kind)
+        return found
+
+
+def _signature(func: Callable[..., Any], cache: dict[object, _Signature]) -> _Signature:
+    key: object = func
     if type(func) is functools.partial:
         # Every partial is a new object; its signature follows from what it wraps.
         key = (func.func, len(func.args), tuple(func.keywords))
     try:
-        params, kind = cache[key]
-    except KeyError:
-        params, kind = cache[key] = (_parameters(func), _kind(func))
+        found = cache.get(key)
     except TypeError:  # an unhashable callable
-        params, kind = _parameters(func), _kind(func)
+        return _Signature(func)
+    if found is None:
+        found = cache[key] = _Signature(func)
+    return found
+
+
+def _injection_of(task: PipelineTask, params: _Params, kind: BodyKind) -> Injection:
     if params is None:
         # Builtins without a signature get no injected arguments.
         return Injection(False, (), (), kind)
@@ -448,12 +602,25 @@ def _kind(func: Callable[..., Any]) -> BodyKind:
     return "function"
 
 
+# Criticality members and labels to plain level numbers (members hash as their value).
+_LEVEL_OF: dict[object, int] = {
+    **{c.label: int(c) for c in Criticality},
+    **{int(c): int(c) for c in Criticality},
+}
+
+
 class CompiledPipeline:
     """A validated pipeline in index form, ready for the scheduler.
+
+    Every pass is a loop over flat lists (no per-edge objects), and every
+    list below holds the same int object for a task index, so a
+    million-task pipeline compiles in about a second and costs a few
+    hundred bytes per task.
 
     Attributes:
         tasks: the tasks in insertion order; index ``i`` everywhere below.
         index: task name -> index.
+        names: the task names, by index.
         dependencies: per task, the indices it waits on.
         dependents: per task, the indices waiting on it.
         order: a topological order (dependencies first; insertion order among peers).
@@ -470,28 +637,34 @@ class CompiledPipeline:
         self.name = name
         self.tasks = tasks
         self.params: dict[str, Any] = dict(params or {})
-        self.index = {task.name: i for i, task in enumerate(tasks)}
-        index = self.index
+        self.names: list[str] = [task.name for task in tasks]
+        self.index: dict[str, int] = dict(zip(self.names, range(len(tasks)), strict=True))
+        if len(self.index) != len(tasks):
+            counts = collections.Counter(self.names)
+            raise DuplicateTaskError(next(n for n in self.names if counts[n] > 1))
+        # One int object per index, shared by every list below.
+        ids = list(self.index.values())
+        get = self.index.__getitem__
         try:
             self.dependencies: list[tuple[int, ...]] = [
-                tuple([index[dep] for dep in task.dependency_names]) for task in tasks
+                tuple(map(get, task._deps)) if task._deps else () for task in tasks
             ]
         except KeyError:
             self._raise_unknown_dependency()
             raise
-        dependents: list[list[int]] = [[] for _ in tasks]
-        for i, deps_i in enumerate(self.dependencies):
+        lists: list[list[int]] = [[] for _ in ids]
+        for i, deps_i in zip(ids, self.dependencies, strict=True):
             for d in deps_i:
-                dependents[d].append(i)
-        self.dependents = [tuple(d) for d in dependents]
-        self.order = self._toposort()
+                lists[d].append(i)
+        self.dependents: list[tuple[int, ...]] = [tuple(d) if d else () for d in lists]
+        del lists
+        self.order = self._toposort(ids)
         self.levels = self._inherit_levels()
         self.critical_path = self._critical_path()
-        cache: dict[Callable[..., Any], tuple[_Params, BodyKind]] = {}
-        self.injections = [_injection(task, cache) for task in tasks]
-        self.names = [task.name for task in tasks]
-        self.map_sources = [
-            -1 if task.map_over is None else index[str(task.map_over)] for task in tasks
+        cache: dict[object, _Signature] = {}
+        self.injections = [_signature(task.func, cache).injection(task) for task in tasks]
+        self.map_sources: list[int] = [
+            get(task.map_over) if isinstance(task.map_over, str) else -1 for task in tasks
         ]
 
     def __len__(self) -> int:
@@ -504,13 +677,15 @@ class CompiledPipeline:
                     close = difflib.get_close_matches(dep, list(self.index), n=1, cutoff=0.6)
                     raise UnknownDependencyError(task.name, dep, close[0] if close else None)
 
-    def _toposort(self) -> list[int]:
-        remaining = [len(d) for d in self.dependencies]
-        order = [i for i, r in enumerate(remaining) if r == 0]
+    def _toposort(self, ids: list[int]) -> list[int]:
+        remaining = list(map(len, self.dependencies))
+        order = [i for i, r in zip(ids, remaining, strict=True) if not r]
+        dependents = self.dependents
         for i in order:  # the list grows while we walk it
-            for j in self.dependents[i]:
-                remaining[j] -= 1
-                if remaining[j] == 0:
+            for j in dependents[i]:
+                left = remaining[j] - 1
+                remaining[j] = left
+                if not left:
                     order.append(j)
         if len(order) != len(self.tasks):
             raise CycleError(self._find_cycle({i for i, r in enumerate(remaining) if r > 0}))
@@ -534,23 +709,32 @@ class CompiledPipeline:
         return [self.tasks[i].name for i in [*loop, loop[0]]]
 
     def _inherit_levels(self) -> list[int]:
-        levels = [int(parse_criticality(task.criticality)) for task in self.tasks]
+        own = [task.criticality for task in self.tasks]
+        try:
+            levels = list(map(_LEVEL_OF.__getitem__, own))
+        except (KeyError, TypeError):  # a criticality changed after the task was made
+            levels = [int(parse_criticality(c)) for c in own]
+        if not levels or min(levels) == max(levels):
+            return levels  # one level for all: nothing to inherit
         dependents = self.dependents
+        at = levels.__getitem__
         for i in reversed(self.order):
             below = dependents[i]
             if below:
-                levels[i] = min(levels[i], *[levels[j] for j in below])
+                urgent = min(map(at, below))
+                levels[i] = min(levels[i], urgent)
         return levels
 
     def _critical_path(self) -> list[float]:
         path = [expected_cost(task) for task in self.tasks]
         dependents = self.dependents
+        at = path.__getitem__
         for i in reversed(self.order):
             below = dependents[i]
             if len(below) == 1:
                 path[i] += path[below[0]]
             elif below:
-                path[i] += max([path[j] for j in below])
+                path[i] += max(map(at, below))
         return path
 
     def reestimate(self, costs: Sequence[float]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from pipeopt._gc import holding_gc
 from pipeopt._validate import check_float, check_int
 from pipeopt.errors import ParameterError, PipelineRunningError, RunInterrupted, RunStoreError
 from pipeopt.executors.base import Executor, exit_if_importing_main
@@ -34,50 +35,6 @@ if TYPE_CHECKING:
     from pipeopt.store import RunStore
 
 _log = logging.getLogger("pipeopt.run")
-
-_GC_TUNING_MIN_TASKS = 1_000
-_GC_YOUNG_THRESHOLD = 50_000
-
-
-class _GcTuning:
-    """Hold off the cyclic garbage collector's young collections while large runs go.
-
-    A run allocates a few long-lived objects per task; with CPython's default
-    thresholds the collector then walks the whole heap again and again, which
-    costs as much as the scheduling itself. Runs of at least
-    ``_GC_TUNING_MIN_TASKS`` tasks freeze the objects that exist at the start
-    (the pipeline itself) and raise the young-generation threshold; the last
-    run to finish restores both. Reference counting still frees everything
-    that is not part of a cycle as usual.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._saved: tuple[int, int, int] | None = None
-
-    def __enter__(self) -> None:
-        import gc
-
-        with self._lock:
-            self._depth += 1
-            if self._depth == 1 and gc.isenabled():
-                self._saved = gc.get_threshold()
-                gc.freeze()
-                gc.set_threshold(max(self._saved[0], _GC_YOUNG_THRESHOLD), *self._saved[1:])
-
-    def __exit__(self, *exc: object) -> None:
-        import gc
-
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0 and self._saved is not None:
-                gc.set_threshold(*self._saved)
-                gc.unfreeze()
-                self._saved = None
-
-
-_gc_tuning = _GcTuning()
 
 
 def default_workers() -> int:
@@ -373,10 +330,7 @@ class PipelineOptimizer:
             self._busy = pipeline.name
         try:
             values = resolve_params(pipeline.params, params)
-            with log_capture:
-                if self.tune_gc and len(pipeline) >= _GC_TUNING_MIN_TASKS:
-                    with _gc_tuning:
-                        return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+            with log_capture, holding_gc(len(pipeline), self.tune_gc):
                 return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
         finally:
             with self._lock:

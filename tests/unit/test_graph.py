@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -16,6 +17,7 @@ from pipeopt import (
     PipelineOptimizer,
     PipelineRunningError,
     PipelineTask,
+    RetryPolicy,
     SelfDependencyError,
     TaskSignatureError,
     UnknownCriticalityError,
@@ -156,3 +158,104 @@ def test_inherited_criticality_and_critical_path() -> None:
     assert levels == {"extract": 0, "report": 0, "side": 5}
     paths = dict(zip(compiled.names, compiled.critical_path, strict=True))
     assert paths == {"extract": 3.0, "report": 1.0, "side": 1.0}
+
+
+# -- bulk adding -------------------------------------------------------------
+
+
+def test_add_many_makes_the_tasks_add_would() -> None:
+    policy = RetryPolicy(max_attempts=3)
+    settings: dict[str, Any] = {
+        "criticality": "high",
+        "retry_policy": policy,
+        "timeout": 2.0,
+        "expected_duration": 0.5,
+        "persist": False,
+        "description": "one of many",
+        "group": "bulk",
+        "trigger": "all_done",
+    }
+    bulk = Pipeline("bulk")
+    made = bulk.add_many(["a", "b", "c"], noop, [[], ["a"], ["a", "b", "a"]], **settings)
+    single = Pipeline("single")
+    single.add(PipelineTask("a", noop, (), **settings))
+    single.add(PipelineTask("b", noop, ["a"], **settings))
+    single.add(PipelineTask("c", noop, ["a", "b", "a"], **settings))
+    assert made == list(bulk)
+    fields = [f.name for f in dataclasses.fields(PipelineTask)]
+    for mine, theirs in zip(bulk, single, strict=True):
+        assert [getattr(mine, f) for f in fields] == [getattr(theirs, f) for f in fields]
+    assert bulk["c"].dependency_names == ("a", "b")
+
+
+def test_add_many_without_dependencies_and_with_map_over() -> None:
+    p = Pipeline("bulk")
+    p.add(PipelineTask("source", lambda: [1, 2]))
+    p.add_many(["x", "y"], lambda source: source * 10, map_over="source")
+    assert p["x"].dependency_names == ("source",)
+    result = PipelineOptimizer(max_workers=2).run(p)
+    assert result.results["x"] == result.results["y"] == [10, 20]
+
+
+@pytest.mark.parametrize(
+    ("names", "rows", "error", "match"),
+    [
+        (["a", "b", "a"], None, DuplicateTaskError, "'a' already exists"),
+        (["b", "old"], None, DuplicateTaskError, "'old' already exists"),
+        (["a", "b"], [[], ["b"]], SelfDependencyError, "'b' depends on itself"),
+        (["a", ""], None, ValueError, "non-empty string, got ''"),
+        (["a", "b"], [[]], ValueError, "1 rows for 2 names"),
+        (["a", "b"], [[], [3]], TypeError, "dependencies must be task names or tasks"),
+    ],
+)
+def test_add_many_refuses_bad_rows_and_adds_nothing(
+    names: list[Any], rows: Any, error: type[Exception], match: str
+) -> None:
+    p = Pipeline("bulk")
+    p.add(PipelineTask("old", noop))
+    with pytest.raises(error, match=match):
+        p.add_many(names, noop, rows)
+    assert list(p.tasks) == ["old"]
+
+
+def test_add_many_checks_shared_settings_once() -> None:
+    p = Pipeline("bulk")
+    with pytest.raises(UnknownCriticalityError):
+        p.add_many(["a", "b"], noop, criticality="urgent")
+    with pytest.raises(NotCallableError):
+        p.add_many(["a", "b"], 42)  # type: ignore[arg-type]
+    assert len(p) == 0
+
+
+def test_bulk_graphs_get_the_same_validation_errors() -> None:
+    names = [f"task_{i}" for i in range(2_000)]
+    rows = [[names[i - 1]] if i else [] for i in range(2_000)]
+    typo = Pipeline("typo")
+    typo.add_many(names, noop, [*rows[:-1], ["task_1998x"]])
+    with pytest.raises(UnknownDependencyError, match="did you mean 'task_1998'"):
+        typo.compile()
+    cyclic = Pipeline("cyclic")
+    cyclic.add_many(names, noop, [["task_1500"], *rows[1:]])
+    with pytest.raises(CycleError) as info:
+        cyclic.compile()
+    assert info.value.cycle == ("task_0", "task_1500", *names[1:1500][::-1], "task_0")
+
+
+def test_tasks_sharing_a_function_share_its_injections() -> None:
+    def body(a: int = 0, b: int = 0, **rest: int) -> int:
+        return a + b + sum(rest.values())
+
+    def pick(a: int = 0, b: int = 0) -> int:
+        return a * 10 + b
+
+    p = Pipeline("shared")
+    p.add_many(["a", "b", "c"], lambda: 1)
+    p.add_many(["p1", "p2", "p3"], pick, [["a"], ["b"], ["a", "c"]])
+    p.add_many(["s1", "s2"], body, [["a", "c"], ["b", "c"]])
+    compiled = p.compile()
+    inj = {name: compiled.injections[compiled.index[name]] for name in compiled.names}
+    assert inj["p1"] is inj["p3"]  # both name only 'a' of pick's parameters
+    assert inj["p2"].by_name == (("b", "b"),)
+    assert inj["s1"].rest_as_kwargs == ("c",)
+    result = PipelineOptimizer(max_workers=2).run(p)
+    assert [result.results[n] for n in ("p1", "p2", "p3", "s1", "s2")] == [10, 1, 10, 2, 2]
