@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import random
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pipeopt import Pipeline, PipelineOptimizer, PipelineTask
 from pipeopt.estimates import plan
-from pipeopt.store import RunStore
+from pipeopt.store import DB_NAME, RunStore
 from pipeopt.store import estimates as stored
 
 LAYERS = 20
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "reestimate": timed(args.repeat, lambda: compiled.reestimate(estimates.costs())),
                 "compile": timed(args.repeat, pipeline.compile),
             }
-        conn = RunStore(folder)._db.connect(writer=True)
+        conn = sqlite3.connect(Path(folder) / DB_NAME, isolation_level=None)
         try:
 
             def update() -> None:

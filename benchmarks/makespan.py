@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import heapq
 import math
 import random
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 
 from pipeopt import Pipeline, PipelineOptimizer, PipelineTask
-from pipeopt.bench.suite import dask_graph, peer_tasks, run_threadpool
+from pipeopt.bench import schedule
+from pipeopt.bench.schedule import Bound
+from pipeopt.bench.suite import run_peer
 from pipeopt.bench.workloads import sleep_body
 
 WORKERS = 8
@@ -93,77 +93,28 @@ def build(costs: dict[str, float], *, hints: bool) -> Pipeline:
     return pipeline
 
 
-def lower_bound(costs: dict[str, float]) -> tuple[float, float, float]:
+def lower_bound(costs: dict[str, float]) -> Bound:
     """Return ``(bound, critical path, total work)`` from the nominal durations."""
-    finish: dict[str, float] = {}
-    for name in sorted(costs, key=_topological_key):
-        start = max((finish[d] for d in dependencies(name)), default=0.0)
-        finish[name] = start + costs[name]
-    path, work = max(finish.values()), sum(costs.values())
-    return max(path, work / WORKERS), path, work
+    compiled = build(costs, hints=True).compile()
+    return schedule.lower_bound(compiled, [costs[n] for n in compiled.names], WORKERS)
 
 
 def simulate(costs: dict[str, float], *, hints: bool) -> float:
-    """Return the makespan of pipeopt's ready-queue order with zero overhead and exact costs.
+    """Return the makespan of pipeopt's order with zero overhead and exact costs.
 
-    Ready tasks go by effective criticality, then remaining critical path
-    (from the hints, or counting tasks without them), then first in first out.
+    Ranked by the hints, or without them by counting tasks (see
+    :func:`pipeopt.bench.schedule.simulate`).
     """
     compiled = build(costs, hints=hints).compile()
-    cost = [costs[name] for name in compiled.names]
-    remaining = [len(d) for d in compiled.dependencies]
-    ready: list[tuple[int, float, int, int]] = []
-    seq = 0
-
-    def push(i: int) -> None:
-        nonlocal seq
-        heapq.heappush(ready, (compiled.levels[i], -compiled.critical_path[i], seq, i))
-        seq += 1
-
-    for i in compiled.order:
-        if not remaining[i]:
-            push(i)
-    running: list[tuple[float, int]] = []
-    now = 0.0
-    while ready or running:
-        while ready and len(running) < WORKERS:
-            i = heapq.heappop(ready)[-1]
-            heapq.heappush(running, (now + cost[i], i))
-        now, i = heapq.heappop(running)
-        for j in compiled.dependents[i]:
-            remaining[j] -= 1
-            if not remaining[j]:
-                push(j)
-    return now
-
-
-def _topological_key(name: str) -> tuple[int, str]:
-    if name.startswith("chain"):
-        return (0, name)
-    return (0 if name.endswith("_source") else 2 if name.endswith("_sink") else 1, name)
+    return schedule.simulate(compiled, [costs[n] for n in compiled.names], WORKERS)
 
 
 def run_once(runner: str, costs: dict[str, float]) -> float:
     """Run the graph once with ``runner`` and return its makespan in seconds."""
     pipeline = build(costs, hints=runner != "pipeopt-no-hints")
     if runner.startswith("pipeopt"):
-        optimizer = PipelineOptimizer(max_workers=WORKERS)
-        started = time.perf_counter()
-        result = optimizer.run(pipeline)
-        elapsed = time.perf_counter() - started
-        result.raise_for_status()
-        return elapsed
-    tasks = peer_tasks(pipeline)
-    if runner == "threadpool":
-        started = time.perf_counter()
-        run_threadpool(tasks, WORKERS)
-        return time.perf_counter() - started
-    import dask.threaded
-
-    graph = dask_graph(tasks)
-    started = time.perf_counter()
-    dask.threaded.get(graph, list(graph), num_workers=WORKERS)
-    return time.perf_counter() - started
+        return schedule.time_run(PipelineOptimizer(max_workers=WORKERS), pipeline)
+    return run_peer(runner, pipeline, WORKERS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

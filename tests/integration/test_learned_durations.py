@@ -13,6 +13,7 @@ import pytest
 
 from pipeopt import Pipeline, PipelineOptimizer, PipelineTask, RunResult
 from pipeopt.cli import main
+from pipeopt.retry import RetryPolicy
 from pipeopt.store import DB_NAME, SCHEMA_VERSION, RunStore
 
 # Sleeps an order of magnitude apart, so that their order survives a loaded machine.
@@ -180,17 +181,39 @@ def test_a_schema_3_store_is_upgraded_in_place_and_learns(tmp_path: Path) -> Non
     assert runs == (3,)
 
 
-def test_a_damaged_estimates_row_is_ignored_with_a_warning(
+def test_a_damaged_estimates_row_is_ignored_and_learned_anew(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run(tmp_path, independent())
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
         conn.execute("UPDATE task_estimates SET names = x'00ff', windows = x'00ff'")
     conn.close()
-    result = run(tmp_path, independent())  # ranks by hops, records, learns anew
-    assert started_order(result) == ["quick", "medium", "slow"]
+    second = run(tmp_path, independent())  # ranks by hops, then learns from this run
+    assert started_order(second) == ["quick", "medium", "slow"]
     assert "learned durations unreadable" in caplog.text
-    assert "learned durations of pipeline 'learn' not updated" in caplog.text
+    assert "learning them anew" in caplog.text
+    assert started_order(run(tmp_path, independent())) == ["slow", "medium", "quick"]
+
+
+def test_a_retried_task_learns_its_successful_attempt(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.05)
+            raise RuntimeError("first attempt fails slowly")
+        time.sleep(0.001)
+
+    pipeline = Pipeline("retried")
+    pipeline.add(
+        PipelineTask("flaky", flaky, retry_policy=RetryPolicy(max_attempts=2, base_delay=0.0))
+    )
+    run(tmp_path, pipeline)
+    with RunStore(tmp_path, read_only=True) as store:
+        seconds, samples = store.learned_durations("retried").lookup()["flaky"]
+    assert (samples, len(calls)) == (1, 2)
+    assert seconds < 0.05
 
 
 PIPELINE_FILE = """
@@ -218,9 +241,11 @@ def test_cli_show_and_graph_tell_each_estimate_and_its_source(
     capsys.readouterr()
     assert main(["show", "last", "--state-dir", state]) == 0
     shown = capsys.readouterr().out
-    assert "estimate (source)" in shown
-    assert "0.500s (hint)" in shown
-    assert "(learned (1 sample))" in shown
+    assert "estimate" in shown
+    assert "source" in shown
+    assert "0.500s" in shown
+    assert "hint" in shown
+    assert "learned (1 sample)" in shown
     assert main(["show", "last", "--state-dir", state, "--json"]) == 0
     tasks = {t["name"]: t for t in __import__("json").loads(capsys.readouterr().out)["tasks"]}
     assert tasks["learned"]["estimate_source"] == "learned (1 sample)"
@@ -228,9 +253,9 @@ def test_cli_show_and_graph_tell_each_estimate_and_its_source(
 
     assert main(["graph", str(source), "--format", "dot"]) == 0
     plain = capsys.readouterr().out
-    assert "0.5s (hint)" in plain
+    assert "0.5s, hint" in plain
     assert "learned (" not in plain
     assert main(["graph", str(source), "--format", "dot", "--state-dir", state]) == 0
-    assert "(learned (2 samples))" in capsys.readouterr().out
+    assert "s, learned (2 samples)" in capsys.readouterr().out
     assert main(["graph", str(source), "--state-dir", state]) == 0
-    assert "learned #40;2 samples#41;" in capsys.readouterr().out
+    assert "s, learned #40;2 samples#41;" in capsys.readouterr().out

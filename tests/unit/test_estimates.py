@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeopt import Pipeline, PipelineTask
 from pipeopt.estimates import (
@@ -10,6 +12,7 @@ from pipeopt.estimates import (
     NONE,
     WINDOW,
     LearnedDurations,
+    Samples,
     estimate_text,
     learn,
     median,
@@ -23,25 +26,35 @@ def test_median_of_odd_and_even_windows() -> None:
     assert median([0.5]) == 0.5
 
 
+def window(learned: LearnedDurations, name: str) -> list[float]:
+    i = learned.names.index(name)
+    return [column[i] for column in learned.windows]
+
+
 def test_a_window_keeps_the_latest_samples_and_counts_all() -> None:
-    first = learn(None, {"a": [1.0, 100.0], "b": [2.0]}, keep=["a", "b"])
+    # "a" is a mapped task: two items this run.
+    first = learn(None, Samples({"b": 2.0}, {"a": [1.0, 100.0]}), keep=["a", "b"])
     assert first.lookup() == {"a": (50.5, 2), "b": (2.0, 1)}
+    assert window(first, "a")[-2:] == [1.0, 100.0]
     later = first
     for _ in range(WINDOW):
-        later = learn(later, {"a": [3.0]}, keep=["a", "b"])
-    assert later.windows[0] == (3.0,) * WINDOW  # the outlier has left the window
+        later = learn(later, Samples({"a": 3.0}, {}), keep=["a", "b"])
+    assert window(later, "a") == [3.0] * WINDOW  # the outlier has left the window
     assert later.lookup() == {"a": (3.0, 2 + WINDOW), "b": (2.0, 1)}
+    everyone = learn(later, Samples({"a": 5.0, "b": 4.0}, {}), keep=["a", "b"])
+    assert window(everyone, "b")[-2:] == [2.0, 4.0]
+    assert everyone.lookup() == {"a": (3.0, 3 + WINDOW), "b": (3.0, 2)}
 
 
 def test_an_outlier_does_not_move_the_median() -> None:
-    learned = learn(None, {"a": [1.0, 1.1, 0.9]}, keep=["a"])
-    learned = learn(learned, {"a": [60.0]}, keep=["a"])
+    learned = learn(None, Samples({}, {"a": [1.0, 1.1, 0.9]}), keep=["a"])
+    learned = learn(learned, Samples({"a": 60.0}, {}), keep=["a"])
     assert learned.lookup()["a"][0] == pytest.approx(1.05)
 
 
 def test_tasks_no_longer_in_the_pipeline_are_dropped() -> None:
-    learned = learn(None, {"a": [1.0], "gone": [2.0]}, keep=["a", "gone"])
-    assert set(learn(learned, {}, keep=["a", "new"]).lookup()) == {"a"}
+    learned = learn(None, Samples({"a": 1.0, "gone": 2.0}, {}), keep=["a", "gone"])
+    assert set(learn(learned, Samples({}, {}), keep=["a", "new"]).lookup()) == {"a"}
 
 
 def test_plan_prefers_the_hint_then_learned_then_none() -> None:
@@ -56,7 +69,7 @@ def test_plan_prefers_the_hint_then_learned_then_none() -> None:
     assert estimates.learned == 1
     assert estimates.costs() == [0.25, 2.0, 1.0]
     assert [estimates.source(i) for i in range(3)] == ["hint", "learned (3 samples)", "none"]
-    assert estimate_text(2.0, 1) == "2s (learned (1 sample))"
+    assert estimate_text(2.0, 1) == "2s, learned (1 sample)"
     assert estimate_text(None, NONE) == "none"
 
 
@@ -73,3 +86,28 @@ def test_reestimate_recomputes_the_critical_path_only() -> None:
     assert (compiled.levels, compiled.order) == (levels, order)
     with pytest.raises(ValueError, match="one entry per task"):
         compiled.reestimate([1.0])
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from("abcd"),
+            st.lists(st.floats(0.0, 100.0), min_size=1, max_size=4),
+            max_size=4,
+        ),
+        max_size=14,
+    )
+)
+def test_learn_keeps_the_median_of_each_tasks_latest_samples(
+    runs: list[dict[str, list[float]]],
+) -> None:
+    learned = None
+    history: dict[str, list[float]] = {}
+    for samples in runs:
+        single = {k: v[0] for k, v in samples.items() if len(v) == 1}
+        grouped = {k: v for k, v in samples.items() if len(v) > 1}
+        learned = learn(learned, Samples(single, grouped), keep="abcd")
+        for name, durations in samples.items():
+            history.setdefault(name, []).extend(durations)
+    expected = {k: (median(v[-WINDOW:]), len(v)) for k, v in history.items()}
+    assert (learned.lookup() if learned is not None else {}) == expected

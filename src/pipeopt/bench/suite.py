@@ -589,6 +589,18 @@ class _Peers:
         return client
 
 
+def run_peer(peer: str, pipeline: Pipeline, workers: int) -> float:
+    """Run ``pipeline`` once through ``threadpool`` or ``dask-threaded``; return the seconds.
+
+    Raises:
+        ValueError: ``peer`` is not one of those two.
+    """
+    if peer not in ("threadpool", "dask-threaded"):
+        raise ValueError(f"peer must be 'threadpool' or 'dask-threaded', got {peer!r}")
+    with _Peers(workers) as peers:
+        return peers.run(peer, pipeline, processes=False)
+
+
 # -- environment ---------------------------------------------------------------------
 
 

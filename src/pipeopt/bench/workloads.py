@@ -161,7 +161,7 @@ def _connect(path: str) -> _Closing:
 # -- helpers -------------------------------------------------------------------
 
 
-def _lognormal(rng: random.Random, median: float, sigma: float, low: float, high: float) -> float:
+def lognormal(rng: random.Random, median: float, sigma: float, low: float, high: float) -> float:
     """Return a lognormal duration in seconds, clipped to ``[low, high]``, rounded to 0.1 ms."""
     return round(min(high, max(low, rng.lognormvariate(math.log(median), sigma))), 4)
 
@@ -213,25 +213,25 @@ def io_workload(seed: int, scale: float, workdir: Path) -> Pipeline:
     loads: list[str] = []
     for s, level in enumerate(source_levels):
         extract = f"extract_{s}"
-        pipeline.add(_sleep_task(extract, _lognormal(rng, 0.03, 0.5, 0.01, 0.06), (), level))
+        pipeline.add(_sleep_task(extract, lognormal(rng, 0.03, 0.5, 0.01, 0.06), (), level))
         parts = [f"transform_{s}_{p:02d}" for p in range(partitions)]
         for name in parts:
-            duration = _lognormal(rng, 0.012, 0.7, 0.001, 0.06)
+            duration = lognormal(rng, 0.012, 0.7, 0.001, 0.06)
             pipeline.add(_sleep_task(name, duration, (extract,), level))
         load = f"load_{s}"
         pipeline.add(
-            _sleep_task(load, _lognormal(rng, 0.015, 0.4, 0.005, 0.04), tuple(parts), level)
+            _sleep_task(load, lognormal(rng, 0.015, 0.4, 0.005, 0.04), tuple(parts), level)
         )
         loads.append(load)
         for k in range(3):
-            check = _lognormal(rng, 0.006, 0.5, 0.002, 0.015)
+            check = lognormal(rng, 0.006, 0.5, 0.002, 0.015)
             pipeline.add(_sleep_task(f"quality_{s}_{k}", check, (load,), "low"))
     chains: list[str] = []
     for c in range(2):
         previous: tuple[str, ...] = ()
         for k in range(_count(10, scale, 3)):
             name = f"refresh_dim_{c}_{k:02d}"
-            pipeline.add(_sleep_task(name, _lognormal(rng, 0.015, 0.4, 0.005, 0.03), previous))
+            pipeline.add(_sleep_task(name, lognormal(rng, 0.015, 0.4, 0.005, 0.03), previous))
             previous = (name,)
         chains.append(previous[0])
     reports = (
@@ -240,9 +240,9 @@ def io_workload(seed: int, scale: float, workdir: Path) -> Pipeline:
         ("report_marketing", "low", (loads[4], loads[5])),
     )
     for name, level, deps in reports:
-        pipeline.add(_sleep_task(name, _lognormal(rng, 0.015, 0.3, 0.005, 0.03), deps, level))
+        pipeline.add(_sleep_task(name, lognormal(rng, 0.015, 0.3, 0.005, 0.03), deps, level))
     for k in range(_count(12, scale)):
-        duration = _lognormal(rng, 0.01, 0.4, 0.003, 0.02)
+        duration = lognormal(rng, 0.01, 0.4, 0.003, 0.02)
         pipeline.add(_sleep_task(f"archive_{k:02d}", duration, (), "deferred"))
     return pipeline
 
@@ -287,7 +287,7 @@ def mixed_workload(seed: int, scale: float, workdir: Path) -> Pipeline:
     loads: list[str] = []
     for s in range(_count(8, scale)):
         fetch = f"fetch_{s}"
-        pipeline.add(_sleep_task(fetch, _lognormal(rng, 0.04, 0.5, 0.01, 0.1)))
+        pipeline.add(_sleep_task(fetch, lognormal(rng, 0.04, 0.5, 0.01, 0.1)))
         parses: list[str] = []
         for c in range(4):
             parse = f"parse_{s}_{c}"
@@ -295,7 +295,7 @@ def mixed_workload(seed: int, scale: float, workdir: Path) -> Pipeline:
             pipeline.add(_cpu_task(parse, it, rng.randrange(1 << 30), deps=(fetch,)))
             parses.append(parse)
         load = f"load_{s}"
-        pipeline.add(_sleep_task(load, _lognormal(rng, 0.03, 0.5, 0.01, 0.08), tuple(parses)))
+        pipeline.add(_sleep_task(load, lognormal(rng, 0.03, 0.5, 0.01, 0.08), tuple(parses)))
         loads.append(load)
     pipeline.add(_sleep_task("report", 0.02, tuple(loads), "critical"))
     return pipeline
@@ -312,7 +312,7 @@ def batching_workload(seed: int, scale: float, workdir: Path) -> Pipeline:
     writes: list[str] = []
     for part in range(partitions):
         fetch = f"fetch_{part}"
-        pages = tuple(_lognormal(rng, 0.02, 0.5, 0.005, 0.08) for _ in range(4))
+        pages = tuple(lognormal(rng, 0.02, 0.5, 0.005, 0.08) for _ in range(4))
         fetch_body = functools.partial(fetch_rows, pages, rows, seed, part)
         cost = sum(pages) + rows * 1e-6
         pipeline.add(PipelineTask(fetch, fetch_body, expected_duration=cost))

@@ -7,9 +7,9 @@ add diagram lines (newlines, ``;``) nor markup (``<img onerror=...>``), and
 node ids are generated (``t0``, ``t1``, ...) so that no two names share one.
 
 A task with a duration estimate shows it on a third line: its
-``expected_duration`` (``0.5s (hint)``), or with ``--state-dir DIR`` the
-duration learned from the runs recorded there (``0.12s (learned (5
-samples))``) — what the next run would rank it by.
+``expected_duration`` (``0.5s, hint``), or with ``--state-dir DIR`` the
+duration learned from the runs recorded there (``0.12s, learned (5
+samples)``) — what the next run would rank it by.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def _print_detail(detail: RunDetail, out: Console, *, every: bool, tracebacks: b
     estimated = any(task.estimate is not None for task in detail.tasks)
     columns = ["task", "criticality", "state", "attempts", "duration", "error / note"]
     if estimated:
-        columns.insert(5, "estimate (source)")
+        columns[5:5] = ["estimate", "source"]
     for column in columns:
         table.add_column(
             column, overflow="fold", justify="right" if column == "attempts" else "left"
@@ -240,7 +240,7 @@ def _print_detail(detail: RunDetail, out: Console, *, every: bool, tracebacks: b
             cell(_error_or_note(task)[:300]),
         ]
         if estimated:
-            row.insert(5, _estimate(task))
+            row[5:5] = [seconds(task.estimate), task.estimate_source]
         table.add_row(*row)
     if tasks:
         out.print(table)
@@ -258,12 +258,6 @@ def _print_detail(detail: RunDetail, out: Console, *, every: bool, tracebacks: b
     if tracebacks:
         for task in detail.tasks:
             print_tracebacks(task, out)
-
-
-def _estimate(task: TaskSummary) -> str:
-    if task.estimate is None:
-        return "none (1 hop)"
-    return f"{seconds(task.estimate)} ({task.estimate_source})"
 
 
 def _error_or_note(task: TaskSummary) -> str:

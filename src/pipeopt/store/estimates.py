@@ -15,21 +15,27 @@ where it came from, so that ``pipeopt show`` tells what the run used.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import sqlite3
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Collection
 
-from pipeopt.estimates import LearnedDurations, TaskEstimates, learn, run_samples
+from pipeopt.estimates import WINDOW, LearnedDurations, TaskEstimates, learn, run_samples
 from pipeopt.result import RunResult
 from pipeopt.store.records import PICKLE_PROTOCOL
+
+_log = logging.getLogger("pipeopt.store")
 
 
 def load(conn: sqlite3.Connection, pipeline: str, *, windows: bool = False) -> LearnedDurations:
     """Return the durations learned for ``pipeline`` (empty when none).
 
     ``windows`` also loads the recent samples (needed to learn more, not to rank).
+
+    Raises:
+        ValueError: the row is damaged (a blob of the wrong size or not a pickle).
     """
     columns = "names, seconds, samples" + (", windows" if windows else "")
     try:
@@ -37,25 +43,50 @@ def load(conn: sqlite3.Connection, pipeline: str, *, windows: bool = False) -> L
             f"SELECT {columns} FROM task_estimates WHERE pipeline = ?", (pipeline,)
         ).fetchone()
     except sqlite3.OperationalError:  # a store of schema 3, opened read-only
-        return LearnedDurations((), (), ())
+        row = None
     if row is None:
         return LearnedDurations((), (), ())
-    names = pickle.loads(row[0])
-    seconds = array("d")
-    seconds.frombytes(row[1])
+    try:
+        names = pickle.loads(row[0])
+    except Exception as exc:
+        raise ValueError(f"task names unreadable: {exc}") from None
+    count = len(names)
+    seconds = _floats(row[1], count)
     samples = array("q")
     samples.frombytes(row[2])
-    kept = pickle.loads(row[3]) if windows else ()
+    kept: tuple[array[float], ...] = ()
+    if windows:
+        flat = _floats(row[3], count * WINDOW)
+        kept = tuple(flat[k * count : (k + 1) * count] for k in range(WINDOW))
+    if not isinstance(names, tuple) or len(samples) != count:
+        raise ValueError("columns of different lengths")
     return LearnedDurations(names, seconds, samples, kept)
 
 
+def _floats(blob: bytes, count: int) -> array[float]:
+    values = array("d")
+    if len(blob) != count * values.itemsize:
+        raise ValueError(f"{len(blob)} bytes where {count} numbers were expected")
+    values.frombytes(blob)
+    return values
+
+
 def record(
-    conn: sqlite3.Connection, pipeline: str, result: RunResult, mapped: Iterable[str]
+    conn: sqlite3.Connection, pipeline: str, result: RunResult, mapped: Collection[str]
 ) -> None:
-    """Fold the successful attempts of ``result`` into ``pipeline``'s learned durations."""
+    """Fold the successful attempts of ``result`` into ``pipeline``'s learned durations.
+
+    A damaged summary is replaced by one learned from this run (logged).
+    """
     new = run_samples(result, mapped)
-    old = load(conn, pipeline, windows=True)
-    if not new and not len(old):
+    try:
+        old = load(conn, pipeline, windows=True)
+    except ValueError as exc:
+        _log.warning(
+            "pipeline %r: learned durations unreadable (%s); learning them anew", pipeline, exc
+        )
+        old = LearnedDurations((), (), ())
+    if not len(new) and not len(old):
         return
     learned = learn(old, new, result.tasks)
     conn.execute(
@@ -69,7 +100,7 @@ def record(
             pickle.dumps(learned.names, protocol=PICKLE_PROTOCOL),
             array("d", learned.seconds).tobytes(),
             array("q", learned.samples).tobytes(),
-            pickle.dumps(learned.windows, protocol=PICKLE_PROTOCOL),
+            b"".join(array("d", column).tobytes() for column in learned.windows),
         ),
     )
 
@@ -106,4 +137,5 @@ def load_used(conn: sqlite3.Connection, key: int) -> dict[str, tuple[float, int]
     seconds.frombytes(row[1])
     samples = array("q")
     samples.frombytes(row[2])
-    return LearnedDurations(pickle.loads(row[0]), seconds, samples).lookup()
+    names = pickle.loads(row[0])
+    return dict(zip(names, zip(seconds, samples, strict=True), strict=True))

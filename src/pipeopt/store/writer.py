@@ -160,7 +160,7 @@ class End:
             estimates.record(conn, self.recorder.pipeline, self.result, self.mapped)
         except sqlite3.Error:
             raise
-        except Exception as exc:  # a damaged estimates row must not cost the run its record
+        except Exception as exc:  # learning must never cost the run its record
             _log.warning(
                 "run %s: learned durations of pipeline %r not updated: %s: %s",
                 self.recorder.run_id,
