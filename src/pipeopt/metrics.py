@@ -43,7 +43,8 @@ import bisect
 import logging
 import re
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
@@ -57,7 +58,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from pipeopt.priority import parse_criticality
+from pipeopt.priority import Criticality, parse_criticality
 
 if TYPE_CHECKING:
     from pipeopt.graph import CompiledPipeline, PipelineTask
@@ -111,18 +112,43 @@ def task_group(task: PipelineTask) -> str:
     return parse_criticality(task.criticality).label
 
 
+_LABEL_OF: dict[object, str] = {level: level.label for level in Criticality}
+_GROUPS: weakref.WeakKeyDictionary[CompiledPipeline, list[str]] = weakref.WeakKeyDictionary()
+_GROUPS_LOCK = threading.Lock()
+
+
+def task_groups(compiled: CompiledPipeline) -> list[str]:
+    """Return :func:`task_group` of every task of ``compiled``, computed once per pipeline."""
+    with _GROUPS_LOCK:
+        found = _GROUPS.get(compiled)
+    if found is not None:
+        return found
+    label_of = _LABEL_OF.get
+    groups: list[str] = []
+    append = groups.append
+    for task in compiled.tasks:
+        # The common case, a plain name without group=, costs two lookups.
+        label = None if task.group or task.name[-1] == "]" else label_of(task.criticality)
+        append(label if label is not None else task_group(task))
+    with _GROUPS_LOCK:
+        _GROUPS[compiled] = groups
+    return groups
+
+
 @dataclass(frozen=True, slots=True)
 class SeriesLabels:
     """The label values each task of one pipeline reports under.
 
-    ``per_task[i]`` is ``(pipeline, group, task)`` for task ``i``; ``by_name``
-    maps task names to the same tuples; ``folded`` says whether the per-task
-    label folded into the group.
+    ``per_task[i]`` is ``(pipeline, group, task)`` for task ``i`` (the same
+    tuple object for every task of a folded group); ``keys`` lists the
+    distinct ones; :meth:`of_task` finds a task's by name; ``folded`` says
+    whether the per-task label folded into the group.
     """
 
     pipeline: str
-    per_task: tuple[tuple[str, str, str], ...]
-    by_name: dict[str, tuple[str, str, str]]
+    per_task: list[tuple[str, str, str]]
+    keys: tuple[tuple[str, str, str], ...]
+    index: Mapping[str, int]
     folded: bool
 
     @classmethod
@@ -136,17 +162,23 @@ class SeriesLabels:
         """Return the labels of ``compiled``'s tasks under the limits (see the module docstring)."""
         pipeline = compiled.name
         folded = len(compiled.tasks) > task_series_limit
-        groups: dict[str, str] = {}
-        labels: list[tuple[str, str, str]] = []
-        for task in compiled.tasks:
-            group = task_group(task)
-            shown = groups.get(group)
-            if shown is None:
-                shown = groups[group] = group if len(groups) < group_limit else OTHER_GROUP
-            labels.append((pipeline, shown, FOLDED_TASK if folded else task.name))
-        per_task = tuple(labels)
-        by_name = {task.name: per_task[i] for i, task in enumerate(compiled.tasks)}
-        return cls(pipeline, per_task, by_name, folded)
+        shown: dict[str, str] = {}
+        for group in dict.fromkeys(task_groups(compiled)):
+            shown[group] = group if len(shown) < group_limit else OTHER_GROUP
+        if folded:
+            key_of = {group: (pipeline, label, FOLDED_TASK) for group, label in shown.items()}
+            per_task = list(map(key_of.__getitem__, task_groups(compiled)))
+        else:
+            per_task = [
+                (pipeline, shown[group], name)
+                for group, name in zip(task_groups(compiled), compiled.names, strict=True)
+            ]
+        return cls(pipeline, per_task, tuple(dict.fromkeys(per_task)), compiled.index, folded)
+
+    def of_task(self, name: str) -> tuple[str, str, str] | None:
+        """Return the labels of the task called ``name``, or ``None`` if there is none."""
+        i = self.index.get(name)
+        return None if i is None else self.per_task[i]
 
 
 class _TaskTotals:
@@ -181,7 +213,7 @@ class PipelineCollector(Collector):
             self._core, self._core_lock, self._labels = core, lock, labels
             self._seen_attempts = self._seen_retries = self._seen_completed = 0
             # A run's task series exist from its start, zero until something happens.
-            for key in labels.per_task:
+            for key in labels.keys:
                 self._totals.setdefault(key, _TaskTotals())
 
     def run_finished(self, status: str) -> None:
@@ -364,7 +396,7 @@ class OptimizerMetrics:
             registry=self.registry,
         )
         self.last_batch_size: dict[str, int] = {}
-        self._batch_labels: dict[str, tuple[str, str, str]] = {}
+        self._labels: SeriesLabels | None = None
         self._pipeline = ""
 
     def attach(self, core: SchedulerCore, lock: threading.Lock) -> SeriesLabels:
@@ -374,7 +406,7 @@ class OptimizerMetrics:
             task_series_limit=self.task_series_limit,
             group_limit=self.group_limit,
         )
-        self._batch_labels = labels.by_name
+        self._labels = labels
         self._pipeline = labels.pipeline
         self.last_batch_size = {}
         self.collector.attach(core, lock, labels)
@@ -382,7 +414,10 @@ class OptimizerMetrics:
 
     def observe_batch(self, task: str, size: int, latency: float) -> None:
         """Record one batch of ``task``: its size and latency in seconds."""
-        key = self._batch_labels.get(task) or (self._pipeline, OTHER_GROUP, FOLDED_TASK)
+        labels = self._labels
+        key = labels.of_task(task) if labels is not None else None
+        if key is None:
+            key = (self._pipeline, OTHER_GROUP, FOLDED_TASK)
         self.batch_size.labels(*key).set(size)
         self.batch_latency.labels(*key).observe(latency)
         self.last_batch_size[task] = size

@@ -597,7 +597,7 @@ def _copy_outcome(outcome: TaskOutcome) -> TaskOutcome:
 
 
 def _run_graph(compiled: CompiledPipeline) -> RunGraph:
-    from pipeopt.metrics import task_group
+    from pipeopt.metrics import task_groups
     from pipeopt.priority import parse_criticality
 
     tasks = compiled.tasks
@@ -605,7 +605,7 @@ def _run_graph(compiled: CompiledPipeline) -> RunGraph:
         names=tuple(compiled.names),
         dependencies=tuple(compiled.dependencies),
         declared=tuple(parse_criticality(t.criticality).label for t in tasks),
-        groups=tuple(task_group(t) for t in tasks),
+        groups=tuple(task_groups(compiled)),
         descriptions=tuple(t.description for t in tasks),
     )
 

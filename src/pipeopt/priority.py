@@ -59,10 +59,10 @@ class Criticality(enum.IntEnum):
     @property
     def label(self) -> str:
         """Return the lowercase label, e.g. ``"critical"``."""
-        return self.name.lower()
+        return LABELS[self._value_]
 
 
-LABELS: tuple[str, ...] = tuple(c.label for c in Criticality)
+LABELS: tuple[str, ...] = tuple(c.name.lower() for c in Criticality)
 _BY_LABEL = {c.label: c for c in Criticality}
 _LEVELS = len(Criticality)
 

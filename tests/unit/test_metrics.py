@@ -14,9 +14,11 @@ from pipeopt.metrics import (
     GROUP_LIMIT,
     OTHER_GROUP,
     TASK_SERIES_LIMIT,
+    SeriesLabels,
     check_push_gateway,
     push_run_metrics,
     task_group,
+    task_groups,
 )
 
 
@@ -143,3 +145,17 @@ def test_unreachable_gateway_is_logged_and_the_run_succeeds(
     assert not push_run_metrics(
         optimizer.registry, f"http://127.0.0.1:{port}", pipeline="p", run_id="r", timeout=2
     )
+
+
+def test_folded_labels_share_one_key_per_group_and_are_found_by_name() -> None:
+    p = Pipeline("wide")
+    p.add_many([f"t{i}" for i in range(150)], lambda: 1, criticality="low")
+    p.add_many([f"g{i}" for i in range(50)], lambda: 1, group="loads")
+    p.add(PipelineTask("item[3]", lambda: 1))
+    compiled = p.compile()
+    assert task_groups(compiled) is task_groups(compiled)  # once per compiled pipeline
+    labels = SeriesLabels.of(compiled)
+    assert labels.keys == (("wide", "low", "*"), ("wide", "loads", "*"), ("wide", "item", "*"))
+    assert labels.per_task[0] is labels.per_task[149]
+    assert labels.of_task("g7") == ("wide", "loads", "*")
+    assert labels.of_task("nope") is None
