@@ -330,10 +330,11 @@ class Pipeline:
             func: the body every task runs.
             dependencies: one row per name, in the same order: the names
                 (or tasks) that task depends on; ``None`` for no dependencies.
-            criticality, retry_policy, circuit_breaker, timeout,
-                expected_duration, cache_key, persist, description, group,
-                map_over, trigger: as for :class:`PipelineTask`, shared by
-                every task.
+            criticality: as for :class:`PipelineTask`, shared by every
+                task; so are ``retry_policy``, ``circuit_breaker``,
+                ``timeout``, ``expected_duration``, ``cache_key``,
+                ``persist``, ``description``, ``group``, ``map_over`` and
+                ``trigger``.
 
         Raises:
             DuplicateTaskError: a name is taken, or given twice.
