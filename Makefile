@@ -41,8 +41,9 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 ## Build the docs site into site/; any broken link, anchor or reference fails the build.
+# Not --quiet: it hides the warnings that --strict counts, so a broken anchor would pass.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
