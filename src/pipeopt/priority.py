@@ -18,10 +18,12 @@ Aging
     gives strict priority.
 
 State
-    One heap per level keyed ``(rank, seq)`` plus, when aging, a FIFO of the
-    same entries in arrival order (the oldest item of a level is the first to
-    be promoted). Removal from either structure is lazy: an entry popped
-    through one is marked dead and skipped by the other.
+    Per level, a heap of the distinct ranks present and one FIFO of entries
+    per rank (so the level's next entry is the head of its lowest rank's
+    FIFO), plus, when aging, a FIFO of all the level's entries in arrival
+    order (the oldest item of a level is the first to be promoted). Removal
+    is lazy: an entry popped through one structure is marked dead and
+    skipped by the other.
 
 Invariants
     ``len(queue)`` counts live entries; ``critical_backlog`` counts live
@@ -38,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pipeopt._validate import check_float
 from pipeopt.errors import UnknownCriticalityError
@@ -65,6 +67,7 @@ class Criticality(enum.IntEnum):
 LABELS: tuple[str, ...] = tuple(c.name.lower() for c in Criticality)
 _BY_LABEL = {c.label: c for c in Criticality}
 _LEVELS = len(Criticality)
+_CRITICAL = int(Criticality.CRITICAL)  # a plain int: comparing with an IntEnum is slower
 
 
 def parse_criticality(value: Criticality | str) -> Criticality:
@@ -94,20 +97,17 @@ class QueueStatistics:
     promoted_total: int
 
 
-class _Entry(Generic[T]):
-    __slots__ = ("alive", "enqueued_at", "item", "level", "rank", "seq")
-
-    def __init__(self, item: T, level: int, rank: float, seq: int, enqueued_at: float) -> None:
-        self.item = item
-        self.level = level
-        self.rank = rank
-        self.seq = seq
-        self.enqueued_at = enqueued_at
-        self.alive = True
+# A queued item is a list ``[item, level, rank, seq, enqueued_at, alive]``: one
+# allocation per push on the scheduler's hot path (a slotted object costs ten times more).
+_ITEM, _LEVEL, _RANK, _SEQ, _ENQUEUED, _ALIVE = range(6)
 
 
 class LeveledQueue(Generic[T]):
     """Not thread-safe core of :class:`PriorityJobQueue`, also used by the scheduler.
+
+    Within a level, items of equal rank wait in one FIFO and a heap holds
+    the distinct ranks, so pushing and popping cost O(1) when few ranks are
+    in use (tasks ranked by hop count) and O(log n) at worst.
 
     Args:
         aging_interval: seconds of waiting that promote an item one level;
@@ -117,9 +117,10 @@ class LeveledQueue(Generic[T]):
 
     __slots__ = (
         "_aging",
+        "_buckets",
         "_clock",
         "_fifos",
-        "_heaps",
+        "_ranks",
         "_seq",
         "_sizes",
         "critical_backlog",
@@ -138,8 +139,13 @@ class LeveledQueue(Generic[T]):
             )
         self._aging = aging_interval
         self._clock = clock
-        self._heaps: list[list[tuple[float, int, _Entry[T]]]] = [[] for _ in range(_LEVELS)]
-        self._fifos: list[collections.deque[_Entry[T]]] = [
+        # Per level: a heap of the ranks present, and per rank its items in arrival order.
+        self._ranks: list[list[float]] = [[] for _ in range(_LEVELS)]
+        self._buckets: list[dict[float, collections.deque[list[Any]]]] = [
+            {} for _ in range(_LEVELS)
+        ]
+        # Per level, every item in arrival order (only when aging): the oldest is promoted first.
+        self._fifos: list[collections.deque[list[Any]]] = [
             collections.deque() for _ in range(_LEVELS)
         ]
         self._sizes = [0] * _LEVELS
@@ -151,14 +157,32 @@ class LeveledQueue(Generic[T]):
     def push(self, item: T, level: int, rank: float = 0.0) -> None:
         """Add ``item`` at ``level`` (0 = blocker .. 5 = deferred) with ``rank``."""
         self._seq += 1
-        entry = _Entry(item, level, rank, self._seq, self._clock() if self._aging else 0.0)
-        heapq.heappush(self._heaps[level], (rank, self._seq, entry))
-        if self._aging is not None:
+        aging = self._aging
+        entry = [item, level, rank, self._seq, self._clock() if aging else 0.0, True]
+        buckets = self._buckets[level]
+        bucket = buckets.get(rank)
+        if bucket is None:
+            bucket = buckets[rank] = collections.deque()
+            heapq.heappush(self._ranks[level], rank)
+        bucket.append(entry)
+        if aging is not None:
             self._fifos[level].append(entry)
         self._sizes[level] += 1
         self.size += 1
-        if level <= Criticality.CRITICAL:
+        if level <= _CRITICAL:
             self.critical_backlog += 1
+
+    def _head(self, level: int) -> list[Any]:
+        """Return the live item of ``level`` with the lowest (rank, seq), leaving it queued."""
+        ranks = self._ranks[level]
+        buckets = self._buckets[level]
+        while True:
+            bucket = buckets[ranks[0]]
+            while bucket and not bucket[0][_ALIVE]:
+                bucket.popleft()
+            if bucket:
+                return bucket[0]
+            del buckets[heapq.heappop(ranks)]
 
     def pop(self) -> T | None:
         """Remove and return the most urgent item, or ``None`` when empty."""
@@ -170,63 +194,61 @@ class LeveledQueue(Generic[T]):
             first += 1
         aging = self._aging
         if aging is None or self.size == sizes[first]:
-            # Only one level holds items (or no aging): its heap head wins.
-            heap = self._heaps[first]
-            entry = heapq.heappop(heap)[2]
-            while not entry.alive:
-                entry = heapq.heappop(heap)[2]
+            # Only one level holds items (or no aging): its best head wins.
+            entry = self._head(first)
+            self._buckets[first][entry[_RANK]].popleft()
             self._taken(entry)
-            return entry.item
+            return entry[_ITEM]  # type: ignore[no-any-return]
         now = self._clock()
-        best: _Entry[T] | None = None
+        best: list[Any] | None = None
         best_key: tuple[int, float, int] = (_LEVELS, 0.0, 0)
         for level in range(first, _LEVELS):
             if not sizes[level]:
                 continue
-            heap = self._heaps[level]
-            while not heap[0][2].alive:
-                heapq.heappop(heap)
-            head = heap[0][2]
-            key = (level, head.rank, head.seq)
+            head = self._head(level)
+            key = (level, head[_RANK], head[_SEQ])
             if key < best_key:
                 best, best_key = head, key
             if level > best_key[0]:
                 fifo = self._fifos[level]
-                while not fifo[0].alive:
+                while not fifo[0][_ALIVE]:
                     fifo.popleft()
                 oldest = fifo[0]
-                effective = max(0, level - int((now - oldest.enqueued_at) / aging))
-                key = (effective, oldest.rank, oldest.seq)
+                effective = max(0, level - int((now - oldest[_ENQUEUED]) / aging))
+                key = (effective, oldest[_RANK], oldest[_SEQ])
                 if key < best_key:
                     best, best_key = oldest, key
         assert best is not None
-        if best_key[0] < best.level:
+        if best_key[0] < best[_LEVEL]:
             self.promoted_total += 1
         self._taken(best)
-        return best.item
+        return best[_ITEM]  # type: ignore[no-any-return]
 
-    def _taken(self, entry: _Entry[T]) -> None:
-        # Entries stay in the other structure, marked dead, until they reach its head.
-        entry.alive = False
-        level = entry.level
+    def _taken(self, entry: list[Any]) -> None:
+        # Entries stay in the other structures, marked dead, until they reach a head.
+        entry[_ALIVE] = False
+        level = entry[_LEVEL]
         self._sizes[level] -= 1
         self.size -= 1
-        if level <= Criticality.CRITICAL:
+        if level <= _CRITICAL:
             self.critical_backlog -= 1
         if not self._sizes[level]:
-            self._heaps[level].clear()
+            self._ranks[level].clear()
+            self._buckets[level].clear()
             self._fifos[level].clear()
 
     def drain(self) -> list[T]:
         """Remove and return every item, most urgent first (no aging applied)."""
         items: list[T] = []
         for level in range(_LEVELS):
-            heap = self._heaps[level]
-            while heap:
-                _, _, entry = heapq.heappop(heap)
-                if entry.alive:
-                    entry.alive = False
-                    items.append(entry.item)
+            buckets = self._buckets[level]
+            for rank in sorted(buckets):
+                for entry in buckets[rank]:
+                    if entry[_ALIVE]:
+                        entry[_ALIVE] = False
+                        items.append(entry[_ITEM])
+            buckets.clear()
+            self._ranks[level].clear()
             self._fifos[level].clear()
             self._sizes[level] = 0
         self.size = 0

@@ -38,6 +38,7 @@ from pipeopt.errors import (
     TaskTimeoutError,
 )
 from pipeopt.executors.base import (
+    PLAIN_RESULTS,
     SyncExecutor,
     TaskCall,
     ThreadExecutor,
@@ -61,6 +62,8 @@ _FAST_BODY_SECONDS = 50e-6  # bodies faster than this are claimed several at a t
 _FAST_CLAIM = 8
 # Raised by a body (or delivered into one by a signal): the run stops, the task is cancelled.
 _STOPS_THE_RUN = (KeyboardInterrupt, SystemExit)
+_wall_clock = time.time
+_set_task, _reset_task = current_task.set, current_task.reset
 
 
 @dataclass(slots=True)
@@ -78,10 +81,8 @@ class Attempt:
     stop_reason: BaseException | None = None
     future: Future[Any] | None = None
     cache_key: str | None = None
-    value: Any = None
     error: BaseException | None = None
     text: str | None = None
-    cached: bool = False
     ended: float = 0.0
 
     def cancel_event(self) -> threading.Event:
@@ -116,6 +117,7 @@ class RunLoop:
         self.executor = executor
         self.max_workers = max_workers
         self.hooks = hooks
+        self._observer = hooks.observer
         self.interrupt_grace = interrupt_grace
         # The built-in thread executors run bodies right here, without a TaskCall.
         self._own_threads = type(executor) in (ThreadExecutor, SyncExecutor)
@@ -193,7 +195,7 @@ class RunLoop:
             timeout = self.core.tasks[attempt.index].timeout
             assert timeout is not None
             attempt.error = TaskTimeoutError(self.core.outcomes[attempt.index].name, timeout)
-            attempt.value, attempt.cached, attempt.ended = None, False, now
+            attempt.ended = now
             self._abandon(attempt)
             self._finish_attempt(attempt)
             if not self._dispatching:
@@ -316,7 +318,7 @@ class RunLoop:
         token = current_task.set(core.outcomes[i])
         try:
             kwargs = core.arguments(i)
-            observer = self.hooks.observer
+            observer = self._observer
             if task.cache_key is not None and observer is not None:
                 key = attempt.cache_key = task.cache_key(**kwargs)
                 hit, cached_value = observer.cache_lookup(core.names[i], key)
@@ -435,6 +437,7 @@ class RunLoop:
         core = self.core
         lock = self.lock
         clock = self._clock
+        run_body, record, begin = self._run_body, self._record, self._begin
         claim = 1
         lock.acquire()
         try:
@@ -454,19 +457,20 @@ class RunLoop:
                     self._work.wait(None if due is None else max(0.0, due - clock()))
                     self._idle -= 1
                     continue
-                batch = [self._begin(i)]
+                batch = [begin(i)]
                 if claim > 1 and core.ready_count >= claim * self.max_workers:
+                    now = clock()
                     while len(batch) < claim:
-                        j = core.next_task(clock())
+                        j = core.next_task(now)
                         if j is None:
                             break
-                        batch.append(self._begin(j))
+                        batch.append(begin(j))
                 lock.release()
                 outcomes: list[_Ran] = []
                 slow = False
                 try:
                     for attempt in batch:
-                        ran = self._run_body(attempt)
+                        ran = run_body(attempt)
                         outcomes.append(ran)
                         if ran[5] - ran[4] > _FAST_BODY_SECONDS:
                             slow = True
@@ -477,7 +481,7 @@ class RunLoop:
                 abandoned = False
                 for attempt, ran in zip(batch, outcomes, strict=False):
                     abandoned |= attempt.abandoned
-                    self._record(attempt, ran)
+                    record(attempt, ran)
                 for attempt in batch[len(outcomes) :]:
                     # Claimed behind a body that turned out slow: let other workers have it.
                     if not attempt.abandoned:
@@ -493,17 +497,18 @@ class RunLoop:
     def _begin(self, i: int) -> Attempt:
         core = self.core
         outcome = core.outcomes[i]
-        task = core.tasks[i]
         now = self._clock()
-        wall = time.time()
+        wall = _wall_clock()
         if outcome.started_at is None:
             outcome.started_at = wall
-        deadline = now + task.timeout if task.timeout is not None else None
-        attempt = Attempt(i, outcome.attempts, wall, now, deadline)
-        self._running[i] = attempt
-        if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), attempt))
-            self._main.notify()
+        timeout = core.tasks[i].timeout
+        if timeout is None:
+            attempt = self._running[i] = Attempt(i, outcome.attempts, wall, now, None)
+            return attempt
+        deadline = now + timeout
+        attempt = self._running[i] = Attempt(i, outcome.attempts, wall, now, deadline)
+        heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), attempt))
+        self._main.notify()
         return attempt
 
     def _run_body(self, attempt: Attempt) -> _Ran:
@@ -517,28 +522,31 @@ class RunLoop:
         i = attempt.index
         task = core.tasks[i]
         clock = self._clock
+        token = _set_task(core.outcomes[i])  # log records of the body are the task's
         started = clock()
-        token = current_task.set(core.outcomes[i])  # log records of the body are the task's
         try:
             injection = core.injections[i]
             if core.special[i]:
                 kwargs = core.arguments(i)
             else:  # core.arguments' plain case, inline: one call less per task
+                kwargs = {}
                 results = core.results
-                kwargs = {param: results[dep] for param, dep in injection.by_name}
+                for param, dep in injection.by_name:
+                    kwargs[param] = results[dep]
                 for dep in injection.rest_as_kwargs:
                     kwargs[dep] = results[dep]
-            observer = self.hooks.observer
-            if task.cache_key is not None and observer is not None:
+            if task.cache_key is not None and self._observer is not None:
                 key = attempt.cache_key = task.cache_key(**kwargs)
-                hit, cached_value = observer.cache_lookup(core.names[i], key)
+                hit, cached_value = self._observer.cache_lookup(core.names[i], key)
                 if hit:
                     return (cached_value, None, None, True, started, clock())
             if self._own_threads:
                 if injection.wants_context:
                     kwargs["context"] = self._context(i, attempt)
-                out = task.func(**kwargs)
-                value = resolve_output(out, injection.kind, task.timeout)
+                value = task.func(**kwargs)
+                kind = injection.kind
+                if kind != "function" or type(value) not in PLAIN_RESULTS:
+                    value = resolve_output(value, kind, task.timeout)
                 return (value, None, None, False, started, clock())
             call = self._call(i, attempt, kwargs)
             # Worker threads serve inline executors only; the others are dispatched to.
@@ -554,22 +562,24 @@ class RunLoop:
                 error.__cause__ = exc
             return (None, error, text, False, started, clock())
         finally:
-            current_task.reset(token)
+            _reset_task(token)
 
     def _record(self, attempt: Attempt, ran: _Ran) -> None:
         """Record how an attempt went (caller holds the lock); ignore abandoned ones."""
         if attempt.abandoned:
             return
-        attempt.value, attempt.error, attempt.text, attempt.cached = ran[:4]
-        attempt.started, attempt.ended = ran[4], ran[5]
         del self._running[attempt.index]
-        error = attempt.error
-        if error is not None and not attempt.stopped and isinstance(error, _STOPS_THE_RUN):
+        value, error, text, cached, started, ended = ran
+        if error is None:
+            self._succeeded(attempt, value, cached, ended - started)
+            return
+        attempt.error, attempt.text, attempt.started, attempt.ended = error, text, started, ended
+        if not attempt.stopped and isinstance(error, _STOPS_THE_RUN):
             # A body (or, under the sync executor, Ctrl-C in it) interrupted the run.
             self.interrupted = True
             attempt.stopped, attempt.stop_reason = True, error
             self._halt(error)
-        if error is not None and attempt.stopped:
+        if attempt.stopped:
             self._finish_stopped(attempt)
         else:
             self._finish_attempt(attempt)
@@ -586,17 +596,35 @@ class RunLoop:
             attempt.text,
         )
         core.abandon_running(i, attempt.stop_reason, record)
-        observer = self.hooks.observer
+        observer = self._observer
         if observer is not None:
             outcome = core.outcomes[i]
             observer.attempt_finished(outcome.name, record, outcome.state)
         self._wake_if_done()
 
-    def _finish_attempt(self, attempt: Attempt) -> None:
+    def _succeeded(self, attempt: Attempt, value: Any, cached: bool, duration: float) -> None:
+        """Record a successful attempt (caller holds the lock)."""
         core = self.core
-        now = self._clock()
         i = attempt.index
-        error, value = attempt.error, attempt.value
+        record = AttemptRecord(attempt.number, attempt.started_wall, duration)
+        woken = core.cached(i, value) if cached else core.succeed(i, value, record)
+        observer = self._observer
+        if observer is not None:
+            name = core.names[i]
+            observer.attempt_finished(name, record, core.outcomes[i].state)
+            observer.task_succeeded(name, value, attempt.cache_key)
+        if woken > 1 and self._idle:
+            self._work.notify(woken - 1)
+        if core.finished == core.total:
+            self._work.notify_all()
+            self._main.notify()
+
+    def _finish_attempt(self, attempt: Attempt) -> None:
+        """Record a failed attempt (caller holds the lock): retry, fail, or stop the run."""
+        core = self.core
+        i = attempt.index
+        error = attempt.error
+        assert error is not None
         record = AttemptRecord(
             attempt.number,
             attempt.started_wall,
@@ -604,27 +632,18 @@ class RunLoop:
             error,
             attempt.text,
         )
-        if error is None:
-            woken = core.cached(i, value) if attempt.cached else core.succeed(i, value, record)
-            observer = self.hooks.observer
-            if observer is not None:
-                name = core.outcomes[i].name
-                observer.attempt_finished(name, record, core.outcomes[i].state)
-                observer.task_succeeded(name, value, attempt.cache_key)
-            if woken > 1 and self._idle:
-                self._work.notify(woken - 1)
-        else:
-            retried = core.fail(attempt.index, error, record, now)
-            if self.hooks.observer is not None:
-                outcome = core.outcomes[i]
-                self.hooks.observer.attempt_finished(outcome.name, record, outcome.state)
-            if retried and self._idle:
-                self._work.notify()
-            elif core.stopped:
-                if self._halted:
-                    self._work.notify_all()
-                else:
-                    self._halt(None)  # fail_fast: stop what still runs
+        retried = core.fail(i, error, record, self._clock())
+        observer = self._observer
+        if observer is not None:
+            outcome = core.outcomes[i]
+            observer.attempt_finished(outcome.name, record, outcome.state)
+        if retried and self._idle:
+            self._work.notify()
+        elif core.stopped:
+            if self._halted:
+                self._work.notify_all()
+            else:
+                self._halt(None)  # fail_fast: stop what still runs
         if core.done:
             self._work.notify_all()
             self._main.notify()

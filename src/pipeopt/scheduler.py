@@ -54,7 +54,7 @@ from pipeopt.errors import (
     UpstreamFailedError,
 )
 from pipeopt.params import RunParams
-from pipeopt.priority import LABELS, LeveledQueue
+from pipeopt.priority import LABELS, Criticality, LeveledQueue, parse_criticality
 from pipeopt.result import AttemptRecord, Missing, TaskOutcome, TaskState
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 
 _PARK_FOR_BUSY_BREAKER = 0.05  # re-check a half-open breaker whose trial slots are all taken
 _SUCCESS = (TaskState.SUCCEEDED, TaskState.CACHED)
+_DECLARED: dict[Criticality | str, str] = {c: c.label for c in Criticality}
+_PENDING, _READY, _SUCCEEDED = TaskState.PENDING, TaskState.READY, TaskState.SUCCEEDED
 
 
 class SchedulerCore:
@@ -93,13 +95,14 @@ class SchedulerCore:
         self.names: list[str] = list(compiled.names)
         self.groups: list[str] = list(compiled.names)  # metrics label: items share their task's
         self.levels: list[int] = list(compiled.levels)
+        declared = _DECLARED.get
         self.outcomes = [
             TaskOutcome(
-                name=task.name,
-                criticality=LABELS[compiled.levels[i]],
-                declared_criticality=task.level.label,
+                name,
+                LABELS[level],
+                declared(task.criticality) or parse_criticality(task.criticality).label,
             )
-            for i, task in enumerate(compiled.tasks)
+            for name, level, task in zip(self.names, self.levels, self.tasks, strict=True)
         ]
         self.results: dict[str, Any] = {}
         self._remaining = [len(d) for d in compiled.dependencies]
@@ -442,16 +445,16 @@ class SchedulerCore:
             return None
         if self._parked and self._parked[0][0] <= now:
             self.release_due(now)
-        tasks = self.tasks
+        breakers = self._breakers
         while True:
             i = self._ready.pop()
             if i is None:
                 return None
-            breaker = tasks[i].circuit_breaker
+            breaker = breakers[i]
             if breaker is not None and not breaker.try_acquire():
                 self.breaker_rejections += 1
                 wait = breaker.retry_after()
-                policy = tasks[i].retry_policy
+                policy = self.tasks[i].retry_policy
                 if policy is not None and policy.max_attempts > 1:
                     self._park(i, now + (wait if math.isfinite(wait) else _PARK_FOR_BUSY_BREAKER))
                 else:
@@ -482,12 +485,14 @@ class SchedulerCore:
 
     def succeed(self, i: int, result: Any, record: AttemptRecord | None) -> int:
         """Record a successful attempt; return how many tasks became ready."""
-        outcome = self.outcomes[i]
-        outcome.state = TaskState.SUCCEEDED
+        outcomes = self.outcomes
+        outcome = outcomes[i]
+        outcome.state = _SUCCEEDED
         if record is not None:
             outcome.attempt_history.append(record)
-            self.attempt_log.append((i, record.duration, False))
-            outcome.finished_at = record.started_at + record.duration
+            duration = record.duration
+            self.attempt_log.append((i, duration, False))
+            outcome.finished_at = record.started_at + duration
         else:
             outcome.finished_at = time.time()
         if outcome.error is not None:  # an earlier attempt failed
@@ -502,17 +507,24 @@ class SchedulerCore:
             return self._final(i)
         self.finished += 1
         self.completed.append(i)
-        if self.stopped:
+        dependents = self._dependents[i]
+        if not dependents or self.stopped:
             return 0
         woken = 0
         remaining = self._remaining
-        outcomes = self.outcomes
         mapped = self._map_sources
-        for j in self._dependents[i]:
-            remaining[j] -= 1
-            if remaining[j] == 0 and outcomes[j].state is TaskState.PENDING:
+        ready = self._ready
+        levels, ranks = self._levels, self._ranks
+        for j in dependents:
+            left = remaining[j] - 1
+            remaining[j] = left
+            if left == 0:
+                dependent = outcomes[j]
+                if dependent.state is not _PENDING:
+                    continue
                 if mapped[j] < 0:
-                    self._make_ready(j)
+                    dependent.state = _READY
+                    ready.push(j, levels[j], ranks[j])
                     woken += 1
                 else:
                     woken += self._expand(j)

@@ -116,7 +116,8 @@ async def _collect_async(agen: Any) -> list[Any]:
     return [item async for item in agen]
 
 
-_PLAIN = (type(None), int, float, str, bytes, list, dict, tuple, set, bool)
+#: Result types a plain function's result is returned as without a further look.
+PLAIN_RESULTS = frozenset({type(None), int, float, str, bytes, list, dict, tuple, set, bool})
 
 
 def resolve_output(out: Any, kind: BodyKind, timeout: float | None) -> Any:
@@ -125,7 +126,7 @@ def resolve_output(out: Any, kind: BodyKind, timeout: float | None) -> Any:
     Generators are drained into a list; coroutines and async generators run
     on the calling thread's event loop, cancelled for real at ``timeout``.
     """
-    if type(out) in _PLAIN and kind == "function":
+    if type(out) in PLAIN_RESULTS and kind == "function":
         return out
     if kind == "generator" or inspect.isgenerator(out):
         return list(out)
