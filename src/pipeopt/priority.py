@@ -8,14 +8,13 @@ Policy
 
 Aging
     An item waiting in the queue is promoted one level for every
-    ``aging_interval`` seconds it waits, up to ``blocker`` (level 0), so
-    ``deferred`` work waits at most about ``5 * aging_interval`` behind a
-    sustained stream of ``critical`` work. Promotion stops at level 0, where
-    ``rank`` still comes before arrival: with equal ranks (as in
-    :class:`PriorityJobQueue`) the promoted item is the oldest and goes
-    first; a stream of ``blocker`` items of lower rank (the scheduler's
-    longer critical paths) keeps going ahead of it. ``aging_interval=None``
-    gives strict priority.
+    ``aging_interval`` seconds it waits, and promotion does not stop at
+    ``blocker``: an item of level ``L`` that has waited ``L + 1`` intervals
+    ranks above every item that waited less than one, whatever its rank.
+    So ``deferred`` work waits at most about ``6 * aging_interval`` behind a
+    sustained stream of ``blocker`` work, even one of lower rank (the
+    scheduler's longer critical paths). ``aging_interval=None`` gives
+    strict priority.
 
 State
     Per level, a heap of the distinct ranks present and one FIFO of entries
@@ -214,7 +213,8 @@ class LeveledQueue(Generic[T]):
                 while not fifo[0][_ALIVE]:
                     fifo.popleft()
                 oldest = fifo[0]
-                effective = max(0, level - int((now - oldest[_ENQUEUED]) / aging))
+                # Below 0 on purpose: a long wait must beat a stream of blockers.
+                effective = level - int((now - oldest[_ENQUEUED]) / aging)
                 key = (effective, oldest[_RANK], oldest[_SEQ])
                 if key < best_key:
                     best, best_key = oldest, key

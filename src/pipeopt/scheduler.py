@@ -7,9 +7,8 @@ Policy
     tasks leave the queue by effective criticality (inherited from the tasks
     that wait on them), then by remaining critical path (longest first), then
     first in, first out; waiting ages a task one level per
-    ``aging_interval``, up to ``blocker``, so low criticality work is not
-    starved by ``critical`` work (a stream of ``blocker`` tasks with longer
-    critical paths still goes first; see :mod:`pipeopt.priority`).
+    ``aging_interval``, past ``blocker`` if it must, so low criticality
+    work is never starved (see :mod:`pipeopt.priority`).
 
 State (:class:`SchedulerCore`, no threads and no I/O)
     per task: unmet dependency count and a :class:`TaskOutcome`; a

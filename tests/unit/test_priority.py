@@ -60,6 +60,23 @@ def test_aging_lets_deferred_work_finish_under_sustained_critical_load() -> None
     assert q.statistics().promoted_total == 1
 
 
+def test_aging_outranks_a_sustained_stream_of_blockers_of_any_rank() -> None:
+    from pipeopt.priority import LeveledQueue
+
+    clock = FakeClock()
+    q: LeveledQueue[str] = LeveledQueue(aging_interval=1.0, clock=clock)
+    q.push("deferred", 5, rank=0.0)
+    served = []
+    for n in range(100):
+        q.push(f"blocker-{n}", 0, rank=-1.0)  # a lower rank than the deferred item's
+        clock.now += 0.5
+        served.append(q.pop())
+        if served[-1] == "deferred":
+            break
+    # Six intervals of waiting put it above every blocker that waited less than one.
+    assert served.index("deferred") == 11
+
+
 def test_without_aging_deferred_waits_behind_critical() -> None:
     clock = FakeClock()
     q: PriorityJobQueue[str] = PriorityJobQueue(aging_interval=None, clock=clock)

@@ -196,6 +196,19 @@ def test_waiting_ages_a_deferred_task_past_a_stream_of_critical_work() -> None:
     assert run.take() == "c2"
 
 
+def test_waiting_ages_a_task_past_blockers_with_longer_critical_paths() -> None:
+    tasks = [task("old", criticality="deferred", expected_duration=0.1)]
+    tasks += [task(f"b{n}", criticality="blocker", expected_duration=60.0) for n in range(10)]
+    run = Driver(pipeline_of(*tasks), aging_interval=1.0)
+    run.core.start()
+    assert run.take() == "b0"
+    run.clock.now = 5.9  # deferred (5) ages five levels to blocker: the longer path still wins
+    assert run.take() == "b1"
+    run.clock.now = 6.0  # a sixth interval ranks it above any blocker that just arrived
+    assert run.take() == "old"
+    assert run.take() == "b2"
+
+
 def test_without_aging_priority_is_strict() -> None:
     tasks = [task("old", criticality="deferred")]
     tasks += [task(f"c{n}", criticality="critical") for n in range(3)]
