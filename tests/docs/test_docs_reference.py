@@ -146,3 +146,48 @@ def test_every_public_name_has_an_api_reference(module: str, page: str) -> None:
         and not (errors_page and name in vars(pipeopt.errors))
     ]
     assert not missing, f"docs/reference/{page} has no `::: {module}.NAME` for {missing}"
+
+
+def _prose() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_commands_and_flags_the_docs_mention_exist() -> None:
+    commands = _subparsers(build_parser())
+    options = {
+        name: {option for action in sub._actions for option in action.option_strings}
+        for name, sub in commands.items()
+    }
+    wrong = []
+    for page in _prose():
+        in_code = False
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith(("```", "~~~")):
+                in_code = not in_code
+                continue
+            # `pipeopt CMD ...` up to the end of the command: a pipe, a comment, a code span's end.
+            for match in re.finditer(r"\bpipeopt ([a-z][\w-]*)([^`|;#&/\n]*)", line):
+                command, rest = match.groups()
+                if command not in commands:
+                    if f"`pipeopt {command}" in line or (
+                        in_code and re.match(r"\s*(\$ )?(\S*/)?pipeopt ", line)
+                    ):
+                        wrong.append(f"{page.name}:{number}: no command {command!r}")
+                    continue
+                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
+                    if flag not in options[command] and flag != "--help":
+                        wrong.append(f"{page.name}:{number}: pipeopt {command} has no {flag}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_environment_variables_the_docs_mention_exist() -> None:
+    known = _variables_in_source()
+    for path in (ROOT / "tests").rglob("*.py"):
+        known.update(
+            re.findall(r"\bPIPEOPT_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(encoding="utf-8"))
+        )
+    wrong = []
+    for page in _prose():
+        mentioned = set(re.findall(r"\bPIPEOPT_[A-Z0-9_]*[A-Z0-9]\b", page.read_text("utf-8")))
+        wrong += [f"{page.name}: {name}" for name in sorted(mentioned - known)]
+    assert not wrong, f"no such variable: {wrong}"
