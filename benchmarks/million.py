@@ -20,10 +20,11 @@ For each size the child
    the compile time.
 
 "total" is build + run: everything from the graph's arrays to the
-``RunResult``. The naive peer (``graphlib.TopologicalSorter`` feeding a
-``ThreadPoolExecutor(8)``, as in ``overhead.py``) runs the same graph in its
-own child, for the sizes up to ``--naive-max``; its "build" is the
-dependency dict graphlib takes.
+``RunResult``; "total CPU" is the process's CPU seconds over the same span
+(all threads), steadier than wall time on a shared machine. The naive peer
+(``graphlib.TopologicalSorter`` feeding a ``ThreadPoolExecutor(8)``, as in
+``overhead.py``) runs the same graph in its own child, for the sizes up to
+``--naive-max``; its "build" is the dependency dict graphlib takes.
 
 Usage::
 
@@ -94,7 +95,7 @@ def child_pipeopt(n: int, build: str) -> dict[str, float]:
     offsets, flat = layered(n)
     gc.collect()
     base = _rss_mib()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     pipeline = Pipeline("million")
     names = [f"t{i}" for i in range(n)]
     if build == "many":
@@ -108,13 +109,13 @@ def child_pipeopt(n: int, build: str) -> dict[str, float]:
             deps = tuple([names[d] for d in flat[offsets[i] : offsets[i + 1]]])
             pipeline.add(PipelineTask(names[i], noop, deps))
     del names
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     pipeline.compile()
     compile_seconds = time.perf_counter() - t1
     gc.collect()
-    t2 = time.perf_counter()
+    c2, t2 = time.process_time(), time.perf_counter()
     result = PipelineOptimizer(max_workers=WORKERS).run(pipeline)
-    t3 = time.perf_counter()
+    c3, t3 = time.process_time(), time.perf_counter()
     if not result.ok or len(result.results) != n:
         raise RuntimeError(f"pipeopt run did not succeed: {result.counts()}")
     return {
@@ -122,6 +123,7 @@ def child_pipeopt(n: int, build: str) -> dict[str, float]:
         "compile": compile_seconds,
         "run": t3 - t2,
         "total": (t1 - t0) + (t3 - t2),
+        "cpu": (c1 - c0) + (c3 - c2),
         "base_mib": base,
         "peak_mib": _peak_mib(),
     }
@@ -136,12 +138,15 @@ def child_naive(n: int) -> dict[str, float]:
     del offsets, flat
     gc.collect()
     base = _rss_mib()
+    c0 = time.process_time()
     build, run = run_naive(graph)
+    cpu = time.process_time() - c0
     return {
         "build": build,
         "compile": 0.0,
         "run": run,
         "total": build + run,
+        "cpu": cpu,
         "base_mib": base,
         "peak_mib": _peak_mib(),
     }
@@ -176,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, build={args.build}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(
-        "| tasks | runner | build s | compile s | run s | total s | µs/task (total) "
-        "| peak RSS MiB | over base MiB | total / naive |"
+        "| tasks | runner | build s | compile s | run s | total s | total CPU s "
+        "| µs/task (total) | peak RSS MiB | over base MiB | total / naive |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         rows: dict[str, dict[str, float]] = {}
         for runner in runners:
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             ratio = f"{f['total'] / naive['total']:.2f}" if naive else "-"
             print(
                 f"| {n:,} | {runner} | {f['build']:.2f} | {f['compile']:.2f} | {f['run']:.2f} "
-                f"| {f['total']:.2f} | {f['total'] / n * 1e6:.1f} | {f['peak_mib']:.0f} "
+                f"| {f['total']:.2f} | {f['cpu']:.2f} | {f['total'] / n * 1e6:.1f} "
+                f"| {f['peak_mib']:.0f} "
                 f"| {f['peak_mib'] - f['base_mib']:.0f} | {ratio} |",
                 flush=True,
             )

@@ -624,7 +624,9 @@ class CompiledPipeline:
         names: the task names, by index.
         dependencies: per task, the indices it waits on.
         dependents: per task, the indices waiting on it.
-        order: a topological order (dependencies first; insertion order among peers).
+        order: a topological order: insertion order when every task was added
+            after its dependencies, else dependencies first and insertion
+            order among peers.
         levels: effective criticality per task (inherited from dependents).
         critical_path: remaining critical path per task, in expected seconds.
         injections: how to call each task's function.
@@ -679,6 +681,12 @@ class CompiledPipeline:
                     raise UnknownDependencyError(task.name, dep, close[0] if close else None)
 
     def _toposort(self, ids: list[int]) -> list[int]:
+        # Tables added in order (every task after its dependencies) are sorted already.
+        for i, deps_i in zip(ids, self.dependencies, strict=True):
+            if deps_i and max(deps_i) >= i:
+                break
+        else:
+            return ids
         remaining = list(map(len, self.dependencies))
         order = [i for i, r in zip(ids, remaining, strict=True) if not r]
         dependents = self.dependents
@@ -726,8 +734,8 @@ class CompiledPipeline:
                 levels[i] = min(levels[i], urgent)
         return levels
 
-    def _critical_path(self) -> list[float]:
-        path = [expected_cost(task) for task in self.tasks]
+    def _critical_path(self, costs: Sequence[float] | None = None) -> list[float]:
+        path = [expected_cost(task) for task in self.tasks] if costs is None else list(costs)
         dependents = self.dependents
         at = path.__getitem__
         for i in reversed(self.order):
@@ -751,13 +759,7 @@ class CompiledPipeline:
             raise ValueError(
                 f"costs must have one entry per task ({len(self.tasks)}), got {len(costs)}"
             )
-        path = list(costs)
-        dependents = self.dependents
-        for i in reversed(self.order):
-            below = dependents[i]
-            if below:
-                path[i] += max([path[j] for j in below])
-        self.critical_path = path
+        self.critical_path = self._critical_path(costs)
 
     def longest_path(self) -> float:
         """Return the length of the graph's critical path in expected seconds."""
