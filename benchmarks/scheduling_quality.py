@@ -11,7 +11,7 @@ Runners, interleaved in one process (their order rotates each round):
 
 * ``hints``: pipeopt with ``expected_duration=d`` on every task;
 * ``no-hints``: pipeopt without hints, ranking by hop counts
-  (``learn_durations=False``);
+  (``learn_durations=False``, so it does not update learned durations either);
 * ``learned``: pipeopt without hints, ranked by the durations learned from a
   first run (untimed) of the same graph;
 * ``hints-bare``: ``hints`` without a run store.
@@ -19,15 +19,18 @@ Runners, interleaved in one process (their order rotates each round):
 * ``dask-threaded``: ``dask.threaded.get`` (its own static ordering).
 
 The first three record to a temporary run store (``learned`` needs one),
-so they differ only in how they rank; ``hints-bare`` shows what recording
-costs.
+so they differ only in how they rank (and ``hints`` and ``learned`` both
+update the learned durations as they end); ``hints-bare`` shows what
+recording costs.
 
 Each cell is the median over seeds x repeats of ``makespan / max(critical
 path, work / P)``, the bound taken from the nominal durations (so sleep
 overshoot counts against every runner). ``sim`` columns simulate pipeopt's
-policy with zero overhead and exact durations (``sim-hops`` ranks by hop
-counts): the gap between ``sim`` and ``hints`` is run-time overhead, the gap
-between ``sim`` and 1 is what the policy leaves on that graph.
+policy with zero overhead, each task taking exactly its nominal duration,
+ranked by the hints (``sim``), by the durations learned from the real runs
+(``sim-learned``) or by hop counts (``sim-hops``): the gap between ``sim``
+and ``hints`` is run-time overhead, the gap between ``sim`` and 1 is what the
+policy leaves on that graph.
 
 Usage::
 
@@ -51,6 +54,8 @@ from pipeopt import Pipeline, PipelineOptimizer, PipelineTask
 from pipeopt.bench.schedule import lower_bound, simulate, time_run
 from pipeopt.bench.suite import run_peer
 from pipeopt.bench.workloads import lognormal, sleep_body
+from pipeopt.estimates import plan
+from pipeopt.store import RunStore
 
 SHAPES = {"wide": (4, 250), "deep": (50, 20)}  # layers, tasks per layer
 RUNNERS = ("hints", "no-hints", "learned", "threadpool", "dask-threaded", "hints-bare")
@@ -119,24 +124,33 @@ def run_once(runner: str, graph: Graph, workers: int, state: Path) -> float:
         folder = None if runner == "hints-bare" else state
         if runner in ("hints", "no-hints"):
             folder = state.with_name(f"{state.name}-{runner}")
-        optimizer = PipelineOptimizer(
-            max_workers=workers, state_dir=folder, learn_durations=runner == "learned"
-        )
+        learn = {"hints": None, "no-hints": False, "learned": True, "hints-bare": None}[runner]
+        optimizer = PipelineOptimizer(max_workers=workers, state_dir=folder, learn_durations=learn)
         with optimizer:
             return time_run(optimizer, pipeline)
     return run_peer(runner, pipeline, workers)
 
 
-def simulated(graph: Graph, workers: int) -> tuple[float, float]:
-    """Return the zero-overhead makespans over the bound: ranked by hints, by hop counts."""
-    ratios = []
-    for hints in (True, False):
-        compiled = build(graph, hints=hints).compile()
-        cost = graph.seconds  # build order is index order
-        ratios.append(
-            simulate(compiled, cost, workers) / lower_bound(compiled, cost, workers).bound
-        )
-    return ratios[0], ratios[1]
+def simulated(graph: Graph, workers: int, state: Path) -> dict[str, float]:
+    """Return zero-overhead makespans over the bound, ranked by each source of estimates.
+
+    ``sim``: the hints (exact durations); ``sim-learned``: what ``state``
+    learned from real runs; ``sim-hops``: hop counts. Every task takes its
+    nominal duration.
+    """
+    cost = graph.seconds  # build order is index order
+    hinted = build(graph, hints=True).compile()
+    unhinted = build(graph, hints=False).compile()
+    with RunStore(state, read_only=True) as store:
+        learned = store.learned_durations(unhinted.name)
+    ranked = build(graph, hints=False).compile()
+    ranked.reestimate(plan(ranked, learned).costs())
+    bound = lower_bound(hinted, cost, workers).bound
+    return {
+        "sim": simulate(hinted, cost, workers) / bound,
+        "sim-learned": simulate(ranked, cost, workers) / bound,
+        "sim-hops": simulate(unhinted, cost, workers) / bound,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,9 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for workers in args.workers:
                     compiled = build(graph, hints=True).compile()
                     bound = lower_bound(compiled, graph.seconds, workers).bound
-                    sim, hops = simulated(graph, workers)
-                    ratios.setdefault((shape, workers, "sim"), []).append(sim)
-                    ratios.setdefault((shape, workers, "sim-hops"), []).append(hops)
+                    for column, ratio in simulated(graph, workers, state).items():
+                        ratios.setdefault((shape, workers, column), []).append(ratio)
                     for _ in range(args.repeat):
                         shift = round_number % len(RUNNERS)
                         round_number += 1
@@ -181,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             file=sys.stderr,
                             flush=True,
                         )
-    columns = (*RUNNERS, "sim", "sim-hops")
+    columns = (*RUNNERS, "sim", "sim-learned", "sim-hops")
     samples = args.seeds * args.repeat
     print(
         f"makespan / max(critical path, work / P), median of {args.seeds} seeds x "

@@ -3,8 +3,9 @@
 Policy
     A task costs its ``expected_duration`` hint when it has one; without a
     hint, its duration learned from earlier runs of the same pipeline (the
-    median of its last :data:`WINDOW` successful attempts; the items
-    ``name[i]`` of a mapped task are attempts of ``name``); with neither, 1.0
+    median of its last :data:`WINDOW` successful attempts, the lower middle
+    one of an even number; the items ``name[i]`` of a mapped task are
+    attempts of ``name``); with neither, 1.0
     (the critical path then counts tasks). Estimates only rank tasks of one
     criticality level against each other: criticality still comes first.
 
@@ -16,8 +17,10 @@ State
 
 Invariants
     every estimate is a finite number of seconds >= 0; a window holds the
-    last min(samples, :data:`WINDOW`) samples, oldest first, after its empty
-    slots; ``samples`` counts every sample ever learned.
+    last k = min(samples, :data:`WINDOW`) samples, newest last, after
+    :data:`WINDOW` - k placeholders, as many -inf as +inf give or take one,
+    such that the 5th smallest of the 10 slots is the lower median of the k
+    samples (so the median is found without knowing k).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ if TYPE_CHECKING:
     from pipeopt.result import RunResult
 
 WINDOW: Final = 10  # samples per task behind the median
+# The window of a task without samples: shifting in samples keeps the lower
+# median of the samples at index _MIDDLE of the sorted window.
+_EMPTY: Final = tuple(-math.inf if k % 2 == 0 else math.inf for k in range(WINDOW))
+_MIDDLE = operator.itemgetter(WINDOW // 2 - 1)
 HINT: Final = -1  # TaskEstimates.samples of a task ranked by its expected_duration
 NONE: Final = 0  # ... of a task ranked by hop count (no hint, no history)
 
@@ -48,8 +55,8 @@ class LearnedDurations:
         seconds: the estimate per task: the median of its window.
         samples: how many successful attempts were learned per task, in all.
         windows: the latest :data:`WINDOW` durations of every task as
-            :data:`WINDOW` columns, oldest first, NaN for a slot not yet
-            filled; empty when loaded only to rank a run.
+            :data:`WINDOW` columns, oldest first, infinite placeholders for
+            slots not yet filled; empty when loaded only to rank a run.
     """
 
     names: tuple[str, ...]
@@ -184,9 +191,9 @@ def learn(old: LearnedDurations | None, new: Samples, keep: Container[str]) -> L
     """Return ``old`` with the samples ``new`` added, for the tasks in ``keep``.
 
     A task of ``old`` not in ``keep`` (no longer in the pipeline) is dropped.
-    Each window keeps the last :data:`WINDOW` samples (empty slots, NaN, are
-    the oldest). Column-wise: one run of 100,000 tasks costs about a
-    microsecond per task.
+    Each window keeps the last :data:`WINDOW` samples. Done column by column
+    in C calls (the end of a 100,000-task run must not wait on a Python loop
+    per task), except for the items of mapped tasks.
     """
     width = WINDOW
     old_names: Sequence[str] = ()
@@ -214,8 +221,8 @@ def learn(old: LearnedDurations | None, new: Samples, keep: Container[str]) -> L
         columns = [array("d") for _ in range(width)]
     if added:
         names += added
-        for column in columns:
-            column.extend(repeat(math.nan, len(added)))
+        for column, empty in zip(columns, _EMPTY, strict=True):
+            column.extend(repeat(empty, len(added)))
         counts.extend(repeat(0, len(added)))
         if single:
             latest += map(single.get, added)
@@ -237,26 +244,14 @@ def learn(old: LearnedDurations | None, new: Samples, keep: Container[str]) -> L
         position = dict(zip(names, range(len(names)), strict=True))
         for name, durations in new.grouped.items():
             i = position[name]
-            row = [c[i] for c in columns][width - min(counts[i], width) :]
-            row = [*[math.nan] * width, *row, *durations][-width:]
+            row = [*[c[i] for c in columns], *durations][-width:]
             for column, value in zip(columns, row, strict=True):
                 column[i] = value
             counts[i] += len(durations)
-    seconds = array("d", map(_window_median, zip(*columns, strict=True), counts))
+    seconds = array("d", map(_MIDDLE, map(sorted, zip(*columns, strict=True))))
     return LearnedDurations(tuple(names), seconds, counts, tuple(columns))
 
 
-def _window_median(window: tuple[float, ...], count: int) -> float:
-    # median() inlined: this runs once per task at the end of every recorded run.
-    ordered = sorted(window[-count:] if count < WINDOW else window)
-    mid = len(ordered) >> 1
-    return ordered[mid] if len(ordered) & 1 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def median(values: Sequence[float]) -> float:
-    """Return the median of a non-empty sequence (the mean of the middle two if even)."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[mid]
-    return (ordered[mid - 1] + ordered[mid]) / 2
+    """Return the median of a non-empty sequence (the lower middle one if even)."""
+    return sorted(values)[(len(values) - 1) // 2]

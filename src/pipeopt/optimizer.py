@@ -89,8 +89,10 @@ class PipelineOptimizer:
         learn_durations: rank a task without ``expected_duration`` by its
             duration learned from the run store (the median of its last
             successful attempts in earlier runs of the pipeline) rather than
-            as one hop; see :mod:`pipeopt.estimates`. ``None`` (the default)
-            learns when there is a ``state_dir``; ``True`` requires one.
+            as one hop, and teach the store this run's durations; see
+            :mod:`pipeopt.estimates`. ``None`` (the default) learns when
+            there is a ``state_dir``; ``True`` requires one; ``False``
+            neither reads nor updates learned durations.
 
     Raises:
         TypeError: ``executor`` is neither a name nor an executor instance.
@@ -369,6 +371,7 @@ class PipelineOptimizer:
                 resumed_from=_resumed_from,
                 params=params,
                 estimates=estimates,
+                learn=self.learn_durations,
             )
             if store is not None
             else None

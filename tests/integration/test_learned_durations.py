@@ -99,13 +99,14 @@ def test_a_hint_wins_over_history(tmp_path: Path) -> None:
     assert shown["slow"].estimate_source == "learned (1 sample)"
 
 
-def test_learn_durations_false_ranks_by_hops_and_still_records(tmp_path: Path) -> None:
+def test_learn_durations_false_neither_uses_nor_updates_them(tmp_path: Path) -> None:
     run(tmp_path, independent())
     result = run(tmp_path, independent(), learn_durations=False)
     assert started_order(result) == ["quick", "medium", "slow"]
     with RunStore(tmp_path, read_only=True) as store:
-        assert store.learned_durations("learn").lookup()["slow"][1] == 2
+        assert store.learned_durations("learn").lookup()["slow"][1] == 1
         assert all(t.estimate is None for t in store.show_run(result.run_id).tasks)
+        assert store.summary(result.run_id).succeeded == 3  # recorded all the same
 
 
 def test_learn_durations_needs_a_store() -> None:

@@ -86,7 +86,8 @@ class RunStore:
         self._writer: Writer | None = None
         self._active: dict[str, Recorder] = {}
         self._sources: dict[str, str] = {}
-        self._mapped: dict[str, frozenset[str]] = {}  # per recording run, its mapped tasks
+        # Per recording run that learns durations: its mapped tasks.
+        self._mapped: dict[str, frozenset[str]] = {}
         self._encoder = StructureEncoder()
         self._reader = RunReader(self._db, self._active.__contains__)
         self._shared = SharedConnection(self._db)
@@ -116,10 +117,13 @@ class RunStore:
         resumed_from: str | None,
         params: Mapping[str, Any] | None = None,
         estimates: TaskEstimates | None = None,
+        learn: bool = True,
     ) -> RunObserver:
         """Record the start of a run and return the observer that records its attempts.
 
-        ``estimates`` are the durations its tasks are ranked by, kept for ``show``.
+        ``estimates`` are the durations its tasks are ranked by, kept for
+        ``show``; ``learn`` folds the durations of its successful attempts
+        into the pipeline's learned durations when it ends.
 
         Raises:
             RunStoreError: the store is locked, closed or read-only, or already has ``run_id``.
@@ -185,9 +189,12 @@ class RunStore:
             )
             self._writer.add(recorder)
             self._active[run_id] = recorder
-            self._mapped[run_id] = frozenset(
-                compiled.names[i] for i, source in enumerate(compiled.map_sources) if source >= 0
-            )
+            if learn:
+                self._mapped[run_id] = frozenset(
+                    compiled.names[i]
+                    for i, source in enumerate(compiled.map_sources)
+                    if source >= 0
+                )
         return recorder
 
     def end_run(self, result: RunResult) -> None:
@@ -208,7 +215,7 @@ class RunStore:
         recorder.release_held()
         writer = recorder.writer
         with self._lock:
-            mapped = self._mapped.pop(result.run_id, frozenset())
+            mapped = self._mapped.pop(result.run_id, None)
         end = End(recorder, result, mapped)
         writer.submit(end)
         writer.wait(end)

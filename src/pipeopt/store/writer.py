@@ -76,11 +76,12 @@ class End:
     """The end of a run, queued after its last event; ``done`` is set once handled.
 
     ``error`` says why the record is incomplete; ``None`` when all was written.
-    ``mapped`` names the run's mapped tasks, whose items learn durations as one.
+    ``mapped`` names the run's mapped tasks, whose items learn durations as
+    one; ``None`` when the run does not teach the learned durations.
     """
 
     def __init__(
-        self, recorder: Recorder, result: RunResult, mapped: frozenset[str] = frozenset()
+        self, recorder: Recorder, result: RunResult, mapped: frozenset[str] | None = None
     ) -> None:
         self.recorder = recorder
         self.result = result
@@ -156,6 +157,8 @@ class End:
         )
 
     def _learn(self, conn: sqlite3.Connection) -> None:
+        if self.mapped is None:
+            return
         try:
             estimates.record(conn, self.recorder.pipeline, self.result, self.mapped)
         except sqlite3.Error:
