@@ -175,6 +175,15 @@ def _dependency_names(
     task: str, dependencies: Iterable[str | PipelineTask] | str | PipelineTask, source: str | None
 ) -> tuple[str, ...]:
     """Return ``task``'s dependency names, deduplicated, with its map source last if missing."""
+    if source is None and (type(dependencies) is list or type(dependencies) is tuple):
+        # The common case first: distinct names, none of them the task's own.
+        found = tuple(dependencies)
+        for dep in found:
+            if type(dep) is not str or dep == task:
+                break
+        else:
+            if len(found) < 2 or len(set(found)) == len(found):
+                return found
     if isinstance(dependencies, str | PipelineTask):
         dependencies = (dependencies,)
     names: list[str] = []
@@ -376,18 +385,23 @@ class Pipeline:
             trigger=trigger,
         )
         source = template.map_source
-        existing = self._tasks
-        added: dict[str, PipelineTask] = {}
+        tasks = self._tasks
+        added: list[PipelineTask] = []
         with holding_gc(len(names)):
-            for name, row in zip(names, rows, strict=False):
-                if not isinstance(name, str) or not name.strip():
-                    raise ValueError(f"task name must be a non-empty string, got {name!r}")
-                if name in existing or name in added:
-                    raise DuplicateTaskError(name)
-                deps = _dependency_names(name, row, source) if row or source else ()
-                added[name] = _like(template, name, deps)
-            existing.update(added)
-        return list(added.values())
+            try:
+                for name, row in zip(names, rows, strict=False):
+                    if not isinstance(name, str) or not name.strip():
+                        raise ValueError(f"task name must be a non-empty string, got {name!r}")
+                    if name in tasks:
+                        raise DuplicateTaskError(name)
+                    deps = _dependency_names(name, row, source) if row or source else ()
+                    task = tasks[name] = _like(template, name, deps)
+                    added.append(task)
+            except BaseException:
+                for task in added:  # all or nothing
+                    del tasks[task.name]
+                raise
+        return added
 
     @overload
     def task(self, func: Callable[..., Any], /) -> PipelineTask: ...
