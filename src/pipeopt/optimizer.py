@@ -269,6 +269,7 @@ class PipelineOptimizer:
                 params={**values, **(params or {})},
                 _preloaded=preloaded,
                 _resumed_from=previous,
+                _compiled=compiled,
             )
 
     def _lineage(self, resumed_from: str | None) -> str | None:
@@ -291,6 +292,7 @@ class PipelineOptimizer:
         run_id: str | None = None,
         _preloaded: dict[str, object] | None = None,
         _resumed_from: str | None = None,
+        _compiled: CompiledPipeline | None = None,
     ) -> RunResult:
         """Validate ``pipeline``, run every task, and return the outcome.
 
@@ -333,7 +335,7 @@ class PipelineOptimizer:
         try:
             values = resolve_params(pipeline.params, params)
             with log_capture, holding_gc(len(pipeline), self.tune_gc):
-                return self._run(pipeline, run_id, values, _preloaded, _resumed_from)
+                return self._run(pipeline, run_id, values, _preloaded, _resumed_from, _compiled)
         finally:
             with self._lock:
                 self._busy = None
@@ -345,8 +347,10 @@ class PipelineOptimizer:
         params: dict[str, Any],
         _preloaded: dict[str, object] | None,
         _resumed_from: str | None,
+        compiled: CompiledPipeline | None = None,
     ) -> RunResult:
-        compiled = pipeline.compile()
+        if compiled is None:  # a resume has compiled it already, to compare structures
+            compiled = pipeline.compile()
         if self.executor.name not in ("thread", "sync"):
             check = getattr(self.executor, "check_pipeline", None)
             if check is not None:
