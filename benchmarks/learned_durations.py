@@ -10,7 +10,10 @@ has a learned duration. Then, side by side in this process:
 * ``reestimate``: the critical path recomputed with those costs;
 * ``compile``: ``Pipeline.compile()``, for scale;
 * ``update``: folding one run's 100,000 attempts into the summary, which the
-  end of each recorded run pays in the store's writer thread.
+  end of each recorded run pays in the store's writer thread;
+* ``run, learning`` against ``run, learn_durations=False``: whole recorded
+  runs (``run()`` from call to return), alternating, which is what learning
+  adds end to end (reading and using the durations, then updating them).
 
 Usage::
 
@@ -101,6 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures["update"] = timed(args.repeat, update)
         finally:
             conn.close()
+        runs: dict[str, list[float]] = {"run, learning": [], "run, learn_durations=False": []}
+        for k in range(args.repeat):
+            for label in sorted(runs, reverse=k % 2 == 1):
+                learn = label == "run, learning"
+                with PipelineOptimizer(
+                    max_workers=8, state_dir=folder, learn_durations=learn
+                ) as optimizer:
+                    _ = optimizer.store  # opened before the clock starts
+                    started = time.perf_counter()
+                    optimizer.run(pipeline).raise_for_status()
+                    runs[label].append(time.perf_counter() - started)
+        figures.update({label: statistics.median(times) for label, times in runs.items()})
     print(f"| step ({args.tasks:,} tasks, median of {args.repeat}) | total | per task |")
     print("|---|---|---|")
     for step, seconds in figures.items():

@@ -90,6 +90,8 @@ class TaskEstimates:
 
     def costs(self) -> list[float]:
         """Return each task's cost on the critical path (1.0 where it had no estimate)."""
+        if None not in self.seconds:
+            return cast("list[float]", list(self.seconds))
         return [1.0 if s is None else s for s in self.seconds]
 
     def source(self, i: int) -> str:
@@ -115,25 +117,31 @@ def estimate_text(seconds: float | None, samples: int) -> str:
 
 def plan(compiled: CompiledPipeline, learned: LearnedDurations | None) -> TaskEstimates:
     """Return the estimate of each task of ``compiled``: its hint, else ``learned``, else none."""
-    found = learned.lookup() if learned else {}
-    seconds: list[float | None] = []
-    samples: list[int] = []
-    used = 0
-    for task in compiled.tasks:
-        hint = task.expected_duration
+    tasks = compiled.tasks
+    hints: list[float | None] = list(map(_HINT, tasks))
+    unhinted = hints.count(None)
+    if not learned or not unhinted:
+        samples = [NONE if h is None else HINT for h in hints] if unhinted else [HINT] * len(hints)
+        return TaskEstimates(hints, samples, 0)
+    index = dict(zip(learned.names, range(len(learned.names)), strict=True))
+    found = list(map(index.get, compiled.names))
+    if unhinted == len(hints) and None not in found:  # the usual: no hints, all learned
+        rows = cast("list[int]", found)
+        seconds: list[float | None] = list(map(learned.seconds.__getitem__, rows))
+        return TaskEstimates(seconds, list(map(learned.samples.__getitem__, rows)), len(rows))
+    seconds, counts, used = [], [], 0
+    for hint, row in zip(hints, found, strict=True):
         if hint is not None:
             seconds.append(hint)
-            samples.append(HINT)
-            continue
-        entry = found.get(task.name)
-        if entry is None:
+            counts.append(HINT)
+        elif row is None:
             seconds.append(None)
-            samples.append(NONE)
+            counts.append(NONE)
         else:
-            seconds.append(entry[0])
-            samples.append(entry[1])
+            seconds.append(learned.seconds[row])
+            counts.append(learned.samples[row])
             used += 1
-    return TaskEstimates(seconds, samples, used)
+    return TaskEstimates(seconds, counts, used)
 
 
 class Samples(NamedTuple):
@@ -151,6 +159,7 @@ class Samples(NamedTuple):
         return len(self.single) + sum(map(len, self.grouped.values()))
 
 
+_HINT = operator.attrgetter("expected_duration")
 _STATE = operator.attrgetter("state")
 _NAME = operator.attrgetter("name")
 _HISTORY = operator.attrgetter("attempt_history")

@@ -111,3 +111,16 @@ def test_learn_keeps_the_median_of_each_tasks_latest_samples(
             history.setdefault(name, []).extend(durations)
     expected = {k: (median(v[-WINDOW:]), len(v)) for k, v in history.items()}
     assert (learned.lookup() if learned is not None else {}) == expected
+
+
+def test_plan_without_hints_takes_every_learned_duration() -> None:
+    pipeline = Pipeline("p")
+    pipeline.add(PipelineTask("a", print))
+    pipeline.add(PipelineTask("b", print, dependencies=["a"]))
+    learned = LearnedDurations(("b", "a", "gone"), [2.0, 0.5, 9.0], [1, 4, 2])
+    compiled = pipeline.compile()
+    estimates = plan(compiled, learned)
+    assert (estimates.seconds, estimates.samples, estimates.learned) == ([0.5, 2.0], [4, 1], 2)
+    compiled.reestimate(estimates.costs())
+    assert compiled.critical_path == [2.5, 2.0]
+    assert plan(compiled, None).seconds == [None, None]

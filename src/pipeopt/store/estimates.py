@@ -37,28 +37,38 @@ def load(conn: sqlite3.Connection, pipeline: str, *, windows: bool = False) -> L
     Raises:
         ValueError: the row is damaged (a blob of the wrong size or not a pickle).
     """
+    return _decode(_row(conn, pipeline, windows=windows))
+
+
+def _row(conn: sqlite3.Connection, pipeline: str, *, windows: bool) -> tuple[bytes, ...] | None:
     columns = "names, seconds, samples" + (", windows" if windows else "")
     try:
-        row = conn.execute(
+        row: tuple[bytes, ...] | None = conn.execute(
             f"SELECT {columns} FROM task_estimates WHERE pipeline = ?", (pipeline,)
         ).fetchone()
     except sqlite3.OperationalError:  # a store of schema 3, opened read-only
-        row = None
+        return None
+    return row
+
+
+def _decode(row: tuple[bytes, ...] | None) -> LearnedDurations:
     if row is None:
         return LearnedDurations((), (), ())
     try:
         names = pickle.loads(row[0])
     except Exception as exc:
         raise ValueError(f"task names unreadable: {exc}") from None
+    if not isinstance(names, tuple):
+        raise ValueError(f"task names are a {type(names).__name__}, not a tuple")
     count = len(names)
     seconds = _floats(row[1], count)
     samples = array("q")
     samples.frombytes(row[2])
     kept: tuple[array[float], ...] = ()
-    if windows:
+    if len(row) > 3:
         flat = _floats(row[3], count * WINDOW)
         kept = tuple(flat[k * count : (k + 1) * count] for k in range(WINDOW))
-    if not isinstance(names, tuple) or len(samples) != count:
+    if len(samples) != count:
         raise ValueError("columns of different lengths")
     return LearnedDurations(names, seconds, samples, kept)
 
@@ -79,8 +89,9 @@ def record(
     A damaged summary is replaced by one learned from this run (logged).
     """
     new = run_samples(result, mapped)
+    row = _row(conn, pipeline, windows=True)
     try:
-        old = load(conn, pipeline, windows=True)
+        old = _decode(row)
     except ValueError as exc:
         _log.warning(
             "pipeline %r: learned durations unreadable (%s); learning them anew", pipeline, exc
@@ -89,6 +100,8 @@ def record(
     if not len(new) and not len(old):
         return
     learned = learn(old, new, result.tasks)
+    # The same tasks as last time (the usual): their names are stored already.
+    same = row is not None and learned.names == old.names
     conn.execute(
         "INSERT OR REPLACE INTO task_estimates "
         "(pipeline, updated_at, tasks, names, seconds, samples, windows) "
@@ -97,7 +110,7 @@ def record(
             pipeline,
             time.time(),
             len(learned),
-            pickle.dumps(learned.names, protocol=PICKLE_PROTOCOL),
+            row[0] if same and row else pickle.dumps(learned.names, protocol=PICKLE_PROTOCOL),
             array("d", learned.seconds).tobytes(),
             array("q", learned.samples).tobytes(),
             b"".join(array("d", column).tobytes() for column in learned.windows),
