@@ -10,17 +10,21 @@ Loading reads the names, estimates and counts only: a few C-level copies for
 per task (``benchmarks/learned_durations.py``).
 
 ``run_estimates`` keeps, per run, the estimate each task was ranked by and
-where it came from, so that ``pipeopt show`` tells what the run used.
+where it came from, so that ``pipeopt show`` tells what the run used: two
+columns in the order of the run's stored structure (its ``names`` column is
+left empty).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import sqlite3
 import time
 from array import array
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from typing import cast
 
 from pipeopt.estimates import WINDOW, LearnedDurations, TaskEstimates, learn, run_samples
 from pipeopt.result import RunResult
@@ -118,26 +122,38 @@ def record(
     )
 
 
-def save_used(
-    conn: sqlite3.Connection, key: int, names: list[str], estimates: TaskEstimates
-) -> None:
-    """Record the estimates a run (``runs.id`` ``key``) used, for the tasks that had one."""
-    kept = [i for i, s in enumerate(estimates.seconds) if s is not None]
-    if not kept:
+def save_used(conn: sqlite3.Connection, key: int, estimates: TaskEstimates) -> None:
+    """Record the estimates a run (``runs.id`` ``key``) used, if any.
+
+    Aligned with the run's stored structure (its task order), so the names
+    are not stored again: NaN seconds for a task without an estimate.
+    """
+    seconds = estimates.seconds
+    if seconds.count(None) == len(seconds):
         return
+    if None in seconds:
+        seconds = [math.nan if s is None else s for s in seconds]
     conn.execute(
         "INSERT OR REPLACE INTO run_estimates (run, names, seconds, samples) VALUES (?, ?, ?, ?)",
         (
             key,
-            pickle.dumps(tuple([names[i] for i in kept]), protocol=PICKLE_PROTOCOL),
-            array("d", [estimates.seconds[i] or 0.0 for i in kept]).tobytes(),
-            array("q", [estimates.samples[i] for i in kept]).tobytes(),
+            b"",
+            array("d", cast("list[float]", seconds)).tobytes(),
+            array("q", estimates.samples).tobytes(),
         ),
     )
 
 
-def load_used(conn: sqlite3.Connection, key: int) -> dict[str, tuple[float, int]]:
-    """Return ``{task: (seconds, samples code)}`` of the estimates run ``key`` used."""
+def load_used(
+    conn: sqlite3.Connection, key: int, names: Sequence[str]
+) -> dict[str, tuple[float, int]]:
+    """Return ``{task: (seconds, samples code)}`` of the estimates run ``key`` used.
+
+    ``names`` are the tasks of the run's structure, in order.
+
+    Raises:
+        ValueError: the record does not match the structure.
+    """
     try:
         row = conn.execute(
             "SELECT names, seconds, samples FROM run_estimates WHERE run = ?", (key,)
@@ -146,9 +162,13 @@ def load_used(conn: sqlite3.Connection, key: int) -> dict[str, tuple[float, int]
         return {}
     if row is None:
         return {}
-    seconds = array("d")
-    seconds.frombytes(row[1])
+    seconds = _floats(row[1], len(names))
     samples = array("q")
     samples.frombytes(row[2])
-    names = pickle.loads(row[0])
-    return dict(zip(names, zip(seconds, samples, strict=True), strict=True))
+    if len(samples) != len(names):
+        raise ValueError(f"{len(samples)} sample counts for {len(names)} tasks")
+    return {
+        name: (s, n)
+        for name, s, n in zip(names, seconds, samples, strict=True)
+        if not math.isnan(s)
+    }

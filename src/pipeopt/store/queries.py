@@ -220,8 +220,13 @@ class RunReader:
                 if ref.run != row.id:
                     cached_from[batch.tasks[ref.event]] = origins.get(ref.run, f"#{ref.run}")
         logs = self.logs(conn, row.id)
-        used = load_used(conn, row.id)
         names = structure.names
+        try:
+            used = load_used(conn, row.id, names)
+        except ValueError as exc:
+            raise RunStoreError(
+                self.db.corrupt_text(f"run {run_id}: estimates unreadable: {exc}")
+            ) from None
         tasks = tuple(
             task_summary(
                 name,

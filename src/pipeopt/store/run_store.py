@@ -170,7 +170,7 @@ class RunStore:
                         (key, pickle.dumps(dict(params), protocol=PICKLE_PROTOCOL)),
                     )
                 if estimates is not None:
-                    learned_store.save_used(conn, key, compiled.names, estimates)
+                    learned_store.save_used(conn, key, estimates)
             if self._writer is None:
                 self._writer = Writer(
                     self._connect_writer,
