@@ -143,8 +143,8 @@ class PipelineOptimizer:
         self.state_dir = state_dir
         if learn_durations and state_dir is None:
             raise ValueError(
-                "learn_durations=True needs a run store to learn from: pass state_dir= "
-                "(or leave learn_durations unset)"
+                "learn_durations=True (--learn-durations yes) needs a run store to learn "
+                "from: pass state_dir= (or drop --no-state), or leave it unset"
             )
         self.learn_durations = (
             state_dir is not None if learn_durations is None else bool(learn_durations)

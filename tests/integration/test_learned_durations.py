@@ -111,7 +111,9 @@ def test_learn_durations_false_neither_uses_nor_updates_them(tmp_path: Path) -> 
 
 def test_learn_durations_needs_a_store() -> None:
     assert PipelineOptimizer().learn_durations is False
-    with pytest.raises(ValueError, match="learn_durations=True needs a run store"):
+    with pytest.raises(
+        ValueError, match=r"learn_durations=True \(--learn-durations yes\) needs a run store"
+    ):
         PipelineOptimizer(learn_durations=True)
     result = run(None, independent())  # no store: hop counts, nothing to record
     assert started_order(result) == ["quick", "medium", "slow"]
@@ -260,3 +262,19 @@ def test_cli_show_and_graph_tell_each_estimate_and_its_source(
     assert "s, learned (2 samples)" in capsys.readouterr().out
     assert main(["graph", str(source), "--state-dir", state]) == 0
     assert "s, learned #40;2 samples#41;" in capsys.readouterr().out
+
+
+def test_cli_learn_durations_no_keeps_hop_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    source = tmp_path / "naps.py"
+    source.write_text(textwrap.dedent(PIPELINE_FILE.replace(", expected_duration=0.5", "")))
+    state = str(tmp_path / "state")
+    for _ in range(2):
+        assert main(["run", str(source), "--state-dir", state, "--learn-durations", "no"]) == 0
+    capsys.readouterr()
+    assert main(["show", "last", "--state-dir", state]) == 0
+    assert "estimate" not in capsys.readouterr().out
+    assert main(["run", str(source), "--no-state", "--learn-durations", "yes"]) == 2
+    assert "needs a run store" in capsys.readouterr().err

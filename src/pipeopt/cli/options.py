@@ -111,6 +111,14 @@ SETTINGS = (
         "seconds Ctrl-C waits for running bodies (default 1)",
     ),
     Setting("--seed", "PIPEOPT_SEED", "seed", _integer, "seed of the retry jitter"),
+    Setting(
+        "--learn-durations",
+        "PIPEOPT_LEARN_DURATIONS",
+        "learn_durations",
+        parse_flag,
+        "rank tasks without expected_duration by their durations learned in the run store, "
+        "and teach it this run's: yes or no (default yes; needs a state dir)",
+    ),
 )
 WORKERS_ENV = "PIPEOPT_WORKERS"
 EXECUTOR_ENV = "PIPEOPT_EXECUTOR"
