@@ -554,6 +554,21 @@ class _Signature:
         return found
 
 
+def _injections(tasks: list[PipelineTask]) -> list[Injection]:
+    """Return how to call each task's function, looking each function up once in a row."""
+    cache: dict[object, _Signature] = {}
+    injections: list[Injection] = []
+    append = injections.append
+    last: object = None
+    signature: _Signature | None = None
+    for task in tasks:
+        func = task.func
+        if func is not last or signature is None:
+            signature, last = _signature(func, cache), func
+        append(signature.injection(task))
+    return injections
+
+
 def _signature(func: Callable[..., Any], cache: dict[object, _Signature]) -> _Signature:
     key: object = func
     if type(func) is functools.partial:
@@ -678,8 +693,7 @@ class CompiledPipeline:
         self.order = self._toposort(ids)
         self.levels = self._inherit_levels()
         self.critical_path = self._critical_path()
-        cache: dict[object, _Signature] = {}
-        self.injections = [_signature(task.func, cache).injection(task) for task in tasks]
+        self.injections = _injections(tasks)
         self.map_sources: list[int] = [
             get(task.map_over) if isinstance(task.map_over, str) else -1 for task in tasks
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 from typing import Any
 
@@ -259,3 +260,15 @@ def test_tasks_sharing_a_function_share_its_injections() -> None:
     assert inj["s1"].rest_as_kwargs == ("c",)
     result = PipelineOptimizer(max_workers=2).run(p)
     assert [result.results[n] for n in ("p1", "p2", "p3", "s1", "s2")] == [10, 1, 10, 2, 2]
+
+
+def test_bulk_building_and_compiling_give_the_garbage_collector_back() -> None:
+    before = gc.get_threshold()
+    p = Pipeline("big")
+    p.add_many([f"t{i}" for i in range(1_500)], noop)
+    with pytest.raises(DuplicateTaskError):
+        p.add_many(["fresh", "t3"], noop)
+    assert "fresh" not in p
+    p.compile()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
