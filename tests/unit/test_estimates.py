@@ -124,3 +124,12 @@ def test_plan_without_hints_takes_every_learned_duration() -> None:
     compiled.reestimate(estimates.costs())
     assert compiled.critical_path == [2.5, 2.0]
     assert plan(compiled, None).seconds == [None, None]
+
+
+def test_the_same_tasks_in_the_same_order_learn_as_any_other_order() -> None:
+    first = learn(None, Samples({"a": 1.0, "b": 4.0, "c": 9.0}, {}), keep="abc")
+    assert first.names == ("a", "b", "c")
+    in_order = learn(first, Samples({"a": 3.0, "b": 2.0, "c": 9.5}, {}), keep="abc")
+    shuffled = learn(first, Samples({"c": 9.5, "a": 3.0, "b": 2.0}, {}), keep="abc")
+    assert in_order.lookup() == shuffled.lookup() == {"a": (1.0, 2), "b": (2.0, 2), "c": (9.0, 2)}
+    assert [list(c) for c in in_order.windows] == [list(c) for c in shuffled.windows]
