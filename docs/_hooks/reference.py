@@ -143,7 +143,8 @@ def environment_reference(parser: argparse.ArgumentParser | None = None) -> str:
             f"[`{name}`](cli.md#pipeopt-{name})"
             for name in dict.fromkeys(command for command, _, _ in uses)
         )
-        described = _text(uses[0][2])
+        # "...; $PIPEOPT_X" at the end of a help text repeats the row's own name.
+        described = _text(re.sub(rf";\s*\${variable}(?=\)|$)", "", uses[0][2]))
         stands = ", ".join(f"`{option}`" for option in options)
         rows.append(f"| `{variable}` | {stands} | {names} | {described} |")
     return "\n".join(rows)
