@@ -87,9 +87,18 @@ class CycleError(PipelineError, ValueError):
     at the end: ``("a", "b", "c", "a")`` means a needs b needs c needs a.
     """
 
+    #: Names a message lists at each end of a longer cycle (all are in ``cycle``).
+    SHOWN = 10
+
     def __init__(self, cycle: Sequence[str]) -> None:
         self.cycle = tuple(cycle)
-        path = " -> ".join(self.cycle)
+        shown = self.SHOWN
+        if len(self.cycle) > 2 * shown + 1:
+            hidden = len(self.cycle) - 2 * shown
+            names = [*self.cycle[:shown], f"({hidden:,} more)", *self.cycle[-shown:]]
+        else:
+            names = list(self.cycle)
+        path = " -> ".join(names)
         super().__init__(f"dependency cycle: {path}; remove one of these dependencies")
 
 

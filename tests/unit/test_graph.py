@@ -240,6 +240,10 @@ def test_bulk_graphs_get_the_same_validation_errors() -> None:
     with pytest.raises(CycleError) as info:
         cyclic.compile()
     assert info.value.cycle == ("task_0", "task_1500", *names[1:1500][::-1], "task_0")
+    shown = "task_0 -> task_1500 -> task_1499 -> task_1498"
+    assert str(info.value).startswith(f"dependency cycle: {shown}")
+    assert "-> (1,482 more) ->" in str(info.value)
+    assert str(info.value).endswith("task_2 -> task_1 -> task_0; remove one of these dependencies")
 
 
 def test_tasks_sharing_a_function_share_its_injections() -> None:
