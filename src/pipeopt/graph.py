@@ -535,7 +535,9 @@ class _Signature:
     def __init__(self, func: Callable[..., Any]) -> None:
         self.params = _parameters(func)
         self.kind = _kind(func)
-        self.names = frozenset(p[0] for p in self.params or ())
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        # The parameters a dependency can fill by name (never *args or **kwargs).
+        self.names = frozenset(p[0] for p in self.params or () if p[1] not in variadic)
         self.var_kw = any(p[1] is inspect.Parameter.VAR_KEYWORD for p in self.params or ())
         self.known: dict[object, Injection] = {}
 
@@ -561,11 +563,24 @@ def _injections(tasks: list[PipelineTask]) -> list[Injection]:
     append = injections.append
     last: object = None
     signature: _Signature | None = None
+    constant: Injection | None = None  # for a function that names no parameter at all
     for task in tasks:
         func = task.func
         if func is not last or signature is None:
             signature, last = _signature(func, cache), func
-        append(signature.injection(task))
+            constant = None
+        if constant is not None and task.map_over is None:
+            append(constant)
+            continue
+        injection = signature.injection(task)
+        if (
+            task.map_over is None
+            and not signature.names
+            and not signature.var_kw
+            and signature.params is not None
+        ):
+            constant = injection
+        append(injection)
     return injections
 
 

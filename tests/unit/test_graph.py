@@ -257,13 +257,17 @@ def test_tasks_sharing_a_function_share_its_injections() -> None:
     p.add_many(["a", "b", "c"], lambda: 1)
     p.add_many(["p1", "p2", "p3"], pick, [["a"], ["b"], ["a", "c"]])
     p.add_many(["s1", "s2"], body, [["a", "c"], ["b", "c"]])
+    p.add_many(["k1", "k2"], lambda **up: sorted(up), [["a"], ["b", "c"]])
+    p.add_many(["n1", "n2"], lambda *_: 0, [["a"], ["b"]])
     compiled = p.compile()
     inj = {name: compiled.injections[compiled.index[name]] for name in compiled.names}
     assert inj["p1"] is inj["p3"]  # both name only 'a' of pick's parameters
     assert inj["p2"].by_name == (("b", "b"),)
     assert inj["s1"].rest_as_kwargs == ("c",)
+    assert inj["n1"] is inj["n2"]  # a body that takes no upstream result by name
     result = PipelineOptimizer(max_workers=2).run(p)
     assert [result.results[n] for n in ("p1", "p2", "p3", "s1", "s2")] == [10, 1, 10, 2, 2]
+    assert (result.results["k1"], result.results["k2"]) == (["a"], ["b", "c"])
 
 
 def test_bulk_building_and_compiling_give_the_garbage_collector_back() -> None:
