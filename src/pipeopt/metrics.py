@@ -229,11 +229,11 @@ class PipelineCollector(Collector):
             return
         keys = _item_keys(core, labels)
         totals = self._totals
-        attempts = core.attempt_log
-        end = len(attempts)
+        indices, seconds_of = core.attempt_tasks, core.attempt_seconds
+        end = min(len(indices), len(seconds_of))  # equal, unless read outside the core's lock
         for k in range(self._seen_attempts, end):
-            i, seconds, _failed = attempts[k]
-            entry = totals[keys[i]]
+            seconds = seconds_of[k]
+            entry = totals[keys[indices[k]]]
             entry.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             entry.count += 1
             entry.sum += seconds

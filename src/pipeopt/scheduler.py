@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 import random
 import time
+from array import array
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +63,9 @@ if TYPE_CHECKING:
 
 _PARK_FOR_BUSY_BREAKER = 0.05  # re-check a half-open breaker whose trial slots are all taken
 _SUCCESS = (TaskState.SUCCEEDED, TaskState.CACHED)
+_breaker_of = operator.attrgetter("circuit_breaker")
+_trigger_of = operator.attrgetter("trigger")
+_wants_params_of = operator.attrgetter("wants_params")
 _DECLARED: dict[Criticality | str, str] = {c: c.label for c in Criticality}
 _PENDING, _READY, _SUCCEEDED = TaskState.PENDING, TaskState.READY, TaskState.SUCCEEDED
 
@@ -104,19 +109,22 @@ class SchedulerCore:
             for name, level, task in zip(self.names, self.levels, self.tasks, strict=True)
         ]
         self.results: dict[str, Any] = {}
-        self._remaining = [len(d) for d in compiled.dependencies]
+        self._remaining = list(map(len, compiled.dependencies))
         self._dependents = compiled.dependents
-        self._breakers = [task.circuit_breaker for task in compiled.tasks]
+        self._breakers = list(map(_breaker_of, self.tasks))
         self._levels = self.levels
-        self._ranks = [-cost for cost in compiled.critical_path]
+        self._ranks = list(map(operator.neg, compiled.critical_path))
         self._static = n
         self._map_sources = compiled.map_sources
-        self._triggers = [task.trigger for task in compiled.tasks]
+        self._triggers: list[str] = list(map(_trigger_of, self.tasks))
         # Per task: its arguments need more than the succeeded dependencies' results.
-        self.special = [
-            task.trigger != "all_success" or inj.wants_params
-            for task, inj in zip(compiled.tasks, compiled.injections, strict=True)
-        ]
+        if any(map(_wants_params_of, self.injections)):
+            self.special = [
+                trigger != "all_success" or inj.wants_params
+                for trigger, inj in zip(self._triggers, self.injections, strict=True)
+            ]
+        else:
+            self.special = [trigger != "all_success" for trigger in self._triggers]
         self.parents: list[int] = [-1] * n
         self._inputs: list[Any] = [None] * n
         self._items: dict[int, range] = {}
@@ -133,7 +141,9 @@ class SchedulerCore:
         self.breaker_rejections = 0
         self.stopped = False
         self.completed: list[int] = []  # indices in the order they reached a final state
-        self.attempt_log: list[tuple[int, float, bool]] = []  # (index, seconds, failed)
+        # Per attempt that ran, its task's index and its seconds (arrays: no object per entry).
+        self.attempt_tasks = array("q")
+        self.attempt_seconds = array("d")
         self.retry_log: list[int] = []  # index of each task parked for a retry
 
     # -- queries ---------------------------------------------------------
@@ -180,9 +190,18 @@ class SchedulerCore:
                 self.completed.append(i)
                 for j in self.compiled.dependents[i]:
                     self._remaining[j] -= 1
+        remaining, outcomes, mapped = self._remaining, self.outcomes, self._map_sources
+        push, levels, ranks = self._ready.push, self._levels, self._ranks
         for i in self.compiled.order:
-            if self._remaining[i] == 0 and self.outcomes[i].state is TaskState.PENDING:
-                self._wake(i)
+            if remaining[i] == 0:
+                outcome = outcomes[i]
+                if outcome.state is not _PENDING:
+                    continue
+                if mapped[i] < 0:
+                    outcome.state = _READY
+                    push(i, levels[i], ranks[i])
+                else:
+                    self._expand(i)
 
     # -- arguments -------------------------------------------------------
 
@@ -490,7 +509,8 @@ class SchedulerCore:
         if record is not None:
             outcome.attempt_history.append(record)
             duration = record.duration
-            self.attempt_log.append((i, duration, False))
+            self.attempt_tasks.append(i)
+            self.attempt_seconds.append(duration)
             outcome.finished_at = record.started_at + duration
         else:
             outcome.finished_at = time.time()
@@ -533,7 +553,8 @@ class SchedulerCore:
         """Record a failed attempt; return ``True`` if the task was parked for a retry."""
         outcome = self.outcomes[i]
         outcome.attempt_history.append(record)
-        self.attempt_log.append((i, record.duration, True))
+        self.attempt_tasks.append(i)
+        self.attempt_seconds.append(record.duration)
         self.active -= 1
         task = self.tasks[i]
         breaker = task.circuit_breaker
