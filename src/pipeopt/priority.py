@@ -192,11 +192,30 @@ class LeveledQueue(Generic[T]):
         while not sizes[first]:
             first += 1
         aging = self._aging
-        if aging is None or self.size == sizes[first]:
-            # Only one level holds items (or no aging): its best head wins.
-            entry = self._head(first)
-            self._buckets[first][entry[_RANK]].popleft()
-            self._taken(entry)
+        size = self.size
+        if aging is None or size == sizes[first]:
+            # Only one level holds items (or no aging): the head of its lowest rank's FIFO
+            # wins (the scheduler's hot path: _head and _taken inline).
+            ranks = self._ranks[first]
+            buckets = self._buckets[first]
+            while True:
+                bucket = buckets[ranks[0]]
+                entry = bucket.popleft() if bucket else None
+                while entry is not None and not entry[_ALIVE]:
+                    entry = bucket.popleft() if bucket else None
+                if entry is not None:
+                    break
+                del buckets[heapq.heappop(ranks)]
+            entry[_ALIVE] = False
+            self.size = size - 1
+            if first <= _CRITICAL:
+                self.critical_backlog -= 1
+            left = sizes[first] - 1
+            sizes[first] = left
+            if not left:
+                ranks.clear()
+                buckets.clear()
+                self._fifos[first].clear()
             return entry[_ITEM]  # type: ignore[no-any-return]
         now = self._clock()
         best: list[Any] | None = None

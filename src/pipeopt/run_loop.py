@@ -28,7 +28,7 @@ import itertools
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,7 @@ _FAST_CLAIM = 8
 # Raised by a body (or delivered into one by a signal): the run stops, the task is cancelled.
 _STOPS_THE_RUN = (KeyboardInterrupt, SystemExit)
 _wall_clock = time.time
+_new_tuple = tuple.__new__
 _set_task, _reset_task = current_task.set, current_task.reset
 
 
@@ -286,12 +287,7 @@ class RunLoop:
     def _claim(self) -> list[Attempt]:
         """Begin ready tasks up to the in-flight bound (caller holds the lock)."""
         core = self.core
-        claimed: list[Attempt] = []
-        while len(self._running) < self.max_workers:
-            i = core.next_task(self._clock())
-            if i is None:
-                break
-            claimed.append(self._begin(i))
+        claimed = self._begin_all(core.take(self._clock(), self.max_workers - len(self._running)))
         if core.stopped and not self._halted:
             self._halt(None)  # next_task failed a task under fail_fast (open breaker)
         return claimed
@@ -437,7 +433,8 @@ class RunLoop:
         core = self.core
         lock = self.lock
         clock = self._clock
-        run_body, record, begin = self._run_body, self._record, self._begin
+        run_body, record_all, begin_all = self._run_body, self._record_all, self._begin_all
+        take, workers = core.take, self.max_workers
         claim = 1
         lock.acquire()
         try:
@@ -446,25 +443,19 @@ class RunLoop:
                     self._main.notify()
                     self._work.notify_all()
                     return
-                i = core.next_task(clock())
-                if i is None:
+                wanted = claim if claim > 1 and core.ready_count >= claim * workers else 1
+                taken = take(clock(), wanted)
+                if not taken:
                     if core.stopped and not self._halted:
-                        self._halt(None)  # next_task failed a task under fail_fast (open breaker)
+                        self._halt(None)  # take failed a task under fail_fast (open breaker)
                     if self._over():
-                        continue  # next_task itself failed the last tasks (open breaker)
+                        continue  # take itself failed the last tasks (open breaker)
                     due = core.next_due()
                     self._idle += 1
                     self._work.wait(None if due is None else max(0.0, due - clock()))
                     self._idle -= 1
                     continue
-                batch = [begin(i)]
-                if claim > 1 and core.ready_count >= claim * self.max_workers:
-                    now = clock()
-                    while len(batch) < claim:
-                        j = core.next_task(now)
-                        if j is None:
-                            break
-                        batch.append(begin(j))
+                batch = begin_all(taken)
                 lock.release()
                 outcomes: list[_Ran] = []
                 slow = False
@@ -478,10 +469,7 @@ class RunLoop:
                 finally:
                     lock.acquire()
                 claim = 1 if slow else _FAST_CLAIM
-                abandoned = False
-                for attempt, ran in zip(batch, outcomes, strict=False):
-                    abandoned |= attempt.abandoned
-                    record(attempt, ran)
+                abandoned = record_all(batch, outcomes)
                 for attempt in batch[len(outcomes) :]:
                     # Claimed behind a body that turned out slow: let other workers have it.
                     if not attempt.abandoned:
@@ -495,21 +483,29 @@ class RunLoop:
             close_thread_loop()
 
     def _begin(self, i: int) -> Attempt:
+        return self._begin_all((i,))[0]
+
+    def _begin_all(self, indices: Sequence[int]) -> list[Attempt]:
+        """Start an attempt of each task taken (caller holds the lock)."""
         core = self.core
-        outcome = core.outcomes[i]
+        outcomes, tasks, running = core.outcomes, core.tasks, self._running
         now = self._clock()
         wall = _wall_clock()
-        if outcome.started_at is None:
-            outcome.started_at = wall
-        timeout = core.tasks[i].timeout
-        if timeout is None:
-            attempt = self._running[i] = Attempt(i, outcome.attempts, wall, now, None)
-            return attempt
-        deadline = now + timeout
-        attempt = self._running[i] = Attempt(i, outcome.attempts, wall, now, deadline)
-        heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), attempt))
-        self._main.notify()
-        return attempt
+        attempts: list[Attempt] = []
+        for i in indices:
+            outcome = outcomes[i]
+            if outcome.started_at is None:
+                outcome.started_at = wall
+            timeout = tasks[i].timeout
+            if timeout is None:
+                attempt = running[i] = Attempt(i, outcome.attempts, wall, now, None)
+            else:
+                deadline = now + timeout
+                attempt = running[i] = Attempt(i, outcome.attempts, wall, now, deadline)
+                heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), attempt))
+                self._main.notify()
+            attempts.append(attempt)
+        return attempts
 
     def _run_body(self, attempt: Attempt) -> _Ran:
         """Run one attempt outside the lock and return how it went.
@@ -565,14 +561,51 @@ class RunLoop:
             _reset_task(token)
 
     def _record(self, attempt: Attempt, ran: _Ran) -> None:
-        """Record how an attempt went (caller holds the lock); ignore abandoned ones."""
-        if attempt.abandoned:
-            return
-        del self._running[attempt.index]
-        value, error, text, cached, started, ended = ran
-        if error is None:
-            self._succeeded(attempt, value, cached, ended - started)
-            return
+        """Record how an attempt went (caller holds the lock); ignore an abandoned one."""
+        self._record_all((attempt,), (ran,))
+
+    def _record_all(self, attempts: Sequence[Attempt], outcomes: Sequence[_Ran]) -> bool:
+        """Record how each attempt went, in order (caller holds the lock); ignore abandoned ones.
+
+        Successes, the common case, are recorded here in one loop; the rest
+        go through :meth:`_record_failure`. Return whether any was abandoned.
+        """
+        core = self.core
+        running = self._running
+        observer = self._observer
+        succeed = core.succeed
+        woken = 0
+        abandoned = False
+        for attempt, ran in zip(attempts, outcomes, strict=False):
+            if attempt.abandoned:
+                abandoned = True
+                continue
+            i = attempt.index
+            del running[i]
+            value, error, _, cached, started, ended = ran
+            if error is not None:
+                self._record_failure(attempt, ran)
+                continue
+            # tuple.__new__ skips the named tuple's own __new__, a Python frame per attempt.
+            record = _new_tuple(
+                AttemptRecord, (attempt.number, attempt.started_wall, ended - started, None, None)
+            )
+            woken += core.cached(i, value) if cached else succeed(i, value, record)
+            if observer is not None:
+                name = core.names[i]
+                observer.attempt_finished(name, record, core.outcomes[i].state)
+                observer.task_succeeded(name, value, attempt.cache_key)
+        if woken > 1 and self._idle:
+            self._work.notify(woken - 1)
+        if core.finished == core.total:
+            self._work.notify_all()
+            self._main.notify()
+        return abandoned
+
+    def _record_failure(self, attempt: Attempt, ran: _Ran) -> None:
+        """Record an attempt that raised (caller holds the lock; its slot is free already)."""
+        _, error, text, _, started, ended = ran
+        assert error is not None
         attempt.error, attempt.text, attempt.started, attempt.ended = error, text, started, ended
         if not attempt.stopped and isinstance(error, _STOPS_THE_RUN):
             # A body (or, under the sync executor, Ctrl-C in it) interrupted the run.
@@ -601,23 +634,6 @@ class RunLoop:
             outcome = core.outcomes[i]
             observer.attempt_finished(outcome.name, record, outcome.state)
         self._wake_if_done()
-
-    def _succeeded(self, attempt: Attempt, value: Any, cached: bool, duration: float) -> None:
-        """Record a successful attempt (caller holds the lock)."""
-        core = self.core
-        i = attempt.index
-        record = AttemptRecord(attempt.number, attempt.started_wall, duration)
-        woken = core.cached(i, value) if cached else core.succeed(i, value, record)
-        observer = self._observer
-        if observer is not None:
-            name = core.names[i]
-            observer.attempt_finished(name, record, core.outcomes[i].state)
-            observer.task_succeeded(name, value, attempt.cache_key)
-        if woken > 1 and self._idle:
-            self._work.notify(woken - 1)
-        if core.finished == core.total:
-            self._work.notify_all()
-            self._main.notify()
 
     def _finish_attempt(self, attempt: Attempt) -> None:
         """Record a failed attempt (caller holds the lock): retry, fail, or stop the run."""

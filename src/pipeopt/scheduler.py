@@ -67,7 +67,8 @@ _breaker_of = operator.attrgetter("circuit_breaker")
 _trigger_of = operator.attrgetter("trigger")
 _wants_params_of = operator.attrgetter("wants_params")
 _DECLARED: dict[Criticality | str, str] = {c: c.label for c in Criticality}
-_PENDING, _READY, _SUCCEEDED = TaskState.PENDING, TaskState.READY, TaskState.SUCCEEDED
+_PENDING, _READY, _RUNNING = TaskState.PENDING, TaskState.READY, TaskState.RUNNING
+_SUCCEEDED = TaskState.SUCCEEDED
 
 
 class SchedulerCore:
@@ -459,15 +460,21 @@ class SchedulerCore:
         parked until the breaker half-opens when its retry policy allows
         another attempt, and failed with :class:`CircuitOpenError` otherwise.
         """
+        taken = self.take(now, 1)
+        return taken[0] if taken else None
+
+    def take(self, now: float, limit: int) -> list[int]:
+        """Take up to ``limit`` of the most urgent ready tasks, as :meth:`next_task` does."""
+        taken: list[int] = []
         if self.stopped:
-            return None
+            return taken
         if self._parked and self._parked[0][0] <= now:
             self.release_due(now)
-        breakers = self._breakers
-        while True:
-            i = self._ready.pop()
+        breakers, outcomes, pop = self._breakers, self.outcomes, self._ready.pop
+        while len(taken) < limit:
+            i = pop()
             if i is None:
-                return None
+                break
             breaker = breakers[i]
             if breaker is not None and not breaker.try_acquire():
                 self.breaker_rejections += 1
@@ -479,11 +486,12 @@ class SchedulerCore:
                     error = CircuitOpenError(breaker.name, wait)
                     self._finish_failed(i, error, None, now)
                 continue
-            outcome = self.outcomes[i]
-            outcome.state = TaskState.RUNNING
+            outcome = outcomes[i]
+            outcome.state = _RUNNING
             outcome.attempts += 1
-            self.active += 1
-            return i
+            taken.append(i)
+        self.active += len(taken)
+        return taken
 
     def unclaim(self, i: int) -> None:
         """Put a task taken by :meth:`next_task` but never started back in the queue."""
