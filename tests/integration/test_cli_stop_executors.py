@@ -1,12 +1,13 @@
-"""Ctrl-C and SIGTERM stop a real ``pipeopt run`` on every executor, promptly and cleanly.
+"""Ctrl-C and SIGTERM stop a real ``pipeopt run`` on every executor, cleanly.
 
-Each case starts ``python -m pipeopt.cli run`` in a subprocess, waits until a
-body that ignores cancellation is running, sends the real signal and checks
-the exit code (130 for SIGINT, 143 for SIGTERM), that the process is gone
-soon after (the target is 2 s; the bound here leaves room for a loaded
-machine, not for a hang), and that every task's final state is reported.
-The bodies live in a module beside the run file, on ``PYTHONPATH``, so that
-worker processes import them like any installed module.
+Each case starts ``python -m pipeopt.cli run`` in a subprocess, waits until
+the bodies that ignore cancellation are running (each touches a file when
+it starts), sends the real signal and checks the exit code (130 for
+SIGINT, 143 for SIGTERM) and that every task's final state is reported.
+How fast the process exits is measured by ``benchmarks/stop_latency.py``,
+not here. The bodies live in a module beside the run file, on
+``PYTHONPATH``, so that worker processes import them like any installed
+module.
 """
 
 from __future__ import annotations
@@ -63,8 +64,6 @@ pipeline.add(
 )
 """
 
-EXIT_BOUND = 6.0  # seconds from the signal to the exit; the target is 2 s
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -86,22 +85,21 @@ def test_a_signal_stops_every_executor_and_records_every_state(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
+        # Two slots run "side" beside "hang"; the sync executor, one body at a time, never
+        # reaches "side".
+        running = [tmp_path / "started"] + ([] if executor == "sync" else [tmp_path / "side"])
         deadline = time.monotonic() + 90
-        while not (tmp_path / "started").exists():
+        while not all(path.exists() for path in running):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the run never started its tasks"
             time.sleep(0.02)
-        time.sleep(0.1)  # let the other slot pick up "side"
-        sent = time.monotonic()
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-        took = time.monotonic() - sent
+        out, err = proc.communicate(timeout=120)  # a guard against a hang, not a speed check
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == code, err
-    assert took < EXIT_BOUND, f"exited {took:.1f}s after the signal"
     result = json.loads(out)
     assert result["status"] == "cancelled"
     assert result["interrupted"] is True
