@@ -421,8 +421,8 @@ class PipelineOptimizer:
                 run_id=run_id,
                 pipeline=pipeline.name,
                 status=status,
-                tasks={o.name: o for o in core.outcomes},
-                results=dict(core.results),
+                tasks=dict(zip(core.names, core.outcomes, strict=True)),
+                results=core.results,  # the run is over: the core's own dict, not a copy
                 started_at=started_wall,
                 wall_time=wall,
                 interrupted=interrupted is not None or loop.interrupted,

@@ -114,7 +114,8 @@ class SchedulerCore:
         self._dependents = compiled.dependents
         self._breakers = list(map(_breaker_of, self.tasks))
         self._levels = self.levels
-        self._ranks = list(map(operator.neg, compiled.critical_path))
+        # Remaining critical path per task; the queue gets it negated (longest first).
+        self._paths = list(compiled.critical_path)
         self._static = n
         self._map_sources = compiled.map_sources
         self._triggers: list[str] = list(map(_trigger_of, self.tasks))
@@ -192,7 +193,7 @@ class SchedulerCore:
                 for j in self.compiled.dependents[i]:
                     self._remaining[j] -= 1
         remaining, outcomes, mapped = self._remaining, self.outcomes, self._map_sources
-        push, levels, ranks = self._ready.push, self._levels, self._ranks
+        push, levels, paths = self._ready.push, self._levels, self._paths
         for i in self.compiled.order:
             if remaining[i] == 0:
                 outcome = outcomes[i]
@@ -200,7 +201,7 @@ class SchedulerCore:
                     continue
                 if mapped[i] < 0:
                     outcome.state = _READY
-                    push(i, levels[i], ranks[i])
+                    push(i, levels[i], -paths[i])
                 else:
                     self._expand(i)
 
@@ -276,7 +277,7 @@ class SchedulerCore:
 
     def _make_ready(self, i: int) -> None:
         self.outcomes[i].state = TaskState.READY
-        self._ready.push(i, self._levels[i], self._ranks[i])
+        self._ready.push(i, self._levels[i], -self._paths[i])
 
     def _wake(self, i: int) -> int:
         """Make a static task whose dependencies are met ready (or expand it); return items."""
@@ -320,7 +321,7 @@ class SchedulerCore:
         self.tasks.extend([task] * count)
         self.injections.extend([self.injections[i]] * count)
         self._levels.extend([self._levels[i]] * count)
-        self._ranks.extend([self._ranks[i]] * count)
+        self._paths.extend([self._paths[i]] * count)
         self._breakers.extend([self._breakers[i]] * count)
         self._remaining.extend([0] * count)
         self.special.extend([True] * count)
@@ -541,7 +542,7 @@ class SchedulerCore:
         remaining = self._remaining
         mapped = self._map_sources
         ready = self._ready
-        levels, ranks = self._levels, self._ranks
+        levels, paths = self._levels, self._paths
         for j in dependents:
             left = remaining[j] - 1
             remaining[j] = left
@@ -551,7 +552,7 @@ class SchedulerCore:
                     continue
                 if mapped[j] < 0:
                     dependent.state = _READY
-                    ready.push(j, levels[j], ranks[j])
+                    ready.push(j, levels[j], -paths[j])
                     woken += 1
                 else:
                     woken += self._expand(j)
