@@ -94,7 +94,7 @@ def make_graph(shape: str, n: int, seed: int = SEED) -> Graph:
     raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
 
 
-# -- runners: each returns (build seconds, run seconds) ----------------------
+# -- runners: each returns (build seconds, run seconds, run CPU seconds) ------
 
 
 def build_pipeline(graph: Graph) -> Any:
@@ -108,18 +108,18 @@ def build_pipeline(graph: Graph) -> Any:
     return pipeline
 
 
-def run_pipeopt(graph: Graph) -> tuple[float, float]:
+def run_pipeopt(graph: Graph) -> tuple[float, float, float]:
     """Build a pipeline and run it with ``PipelineOptimizer(max_workers=8)``."""
     from pipeopt import PipelineOptimizer
 
     t0 = time.perf_counter()
     pipeline = build_pipeline(graph)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     result = PipelineOptimizer(max_workers=WORKERS).run(pipeline)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     if not result.ok or len(result.results) != len(graph):
         raise RuntimeError(f"pipeopt run did not succeed: {result.counts()}")
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, c2 - c1
 
 
 def items(count: int) -> list[int]:
@@ -131,7 +131,7 @@ def each(source: int) -> None:
     """Do nothing with one mapped item."""
 
 
-def run_pipeopt_map(graph: Graph) -> tuple[float, float]:
+def run_pipeopt_map(graph: Graph) -> tuple[float, float, float]:
     """Run the ``mapped`` shape as one task mapped over ``n - 1`` items."""
     from functools import partial
 
@@ -141,12 +141,12 @@ def run_pipeopt_map(graph: Graph) -> tuple[float, float]:
     pipeline = Pipeline("overhead-mapped")
     pipeline.add(PipelineTask("source", partial(items, len(graph) - 1)))
     pipeline.add(PipelineTask("each", each, map_over="source"))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     result = PipelineOptimizer(max_workers=WORKERS).run(pipeline)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     if not result.ok or len(result.results["each"]) != len(graph) - 1:
         raise RuntimeError(f"pipeopt mapped run did not succeed: {result.counts()}")
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, c2 - c1
 
 
 def time_compile(graph: Graph) -> float:
@@ -157,11 +157,11 @@ def time_compile(graph: Graph) -> float:
     return time.perf_counter() - t0
 
 
-def run_naive(graph: Graph) -> tuple[float, float]:
+def run_naive(graph: Graph) -> tuple[float, float, float]:
     """Run ``graph`` with a TopologicalSorter feeding a ThreadPoolExecutor."""
     t0 = time.perf_counter()
     deps = dict(enumerate(graph))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     done_count = 0
     with cf.ThreadPoolExecutor(WORKERS) as pool:
         sorter = graphlib.TopologicalSorter(deps)
@@ -175,13 +175,13 @@ def run_naive(graph: Graph) -> tuple[float, float]:
                 future.result()
                 sorter.done(pending.pop(future))
                 done_count += 1
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     if done_count != len(graph):
         raise RuntimeError(f"naive run finished {done_count} of {len(graph)} tasks")
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, c2 - c1
 
 
-def run_dask(graph: Graph) -> tuple[float, float]:
+def run_dask(graph: Graph) -> tuple[float, float, float]:
     """Run ``graph`` with ``dask.threaded.get(num_workers=8)``."""
     import dask.threaded
 
@@ -190,13 +190,13 @@ def run_dask(graph: Graph) -> tuple[float, float]:
         f"t{i}": (noop, *(f"t{d}" for d in deps)) for i, deps in enumerate(graph)
     }
     keys = list(dsk)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     dask.threaded.get(dsk, keys, num_workers=WORKERS)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    t2, c2 = time.perf_counter(), time.process_time()
+    return t1 - t0, t2 - t1, c2 - c1
 
 
-RUNNER_FUNCS: dict[str, Callable[[Graph], tuple[float, float]]] = {
+RUNNER_FUNCS: dict[str, Callable[[Graph], tuple[float, float, float]]] = {
     "pipeopt": run_pipeopt,
     "pipeopt_map": run_pipeopt_map,
     "naive": run_naive,
@@ -218,7 +218,9 @@ def measure(
     for n in sizes:
         for shape in shapes:
             graph = make_graph(shape, n)
-            raw: dict[str, dict[str, list[float]]] = {r: {"build": [], "run": []} for r in runners}
+            raw: dict[str, dict[str, list[float]]] = {
+                r: {"build": [], "run": [], "cpu": []} for r in runners
+            }
             compile_times: list[float] = []
             for rep in range(repeat):
                 order = list(runners[rep % len(runners) :]) + list(runners[: rep % len(runners)])
@@ -226,9 +228,10 @@ def measure(
                     if name == "pipeopt_map" and shape != "mapped":
                         continue
                     gc.collect()
-                    build, run = RUNNER_FUNCS[name](graph)
+                    build, run, cpu = RUNNER_FUNCS[name](graph)
                     raw[name]["build"].append(build)
                     raw[name]["run"].append(run)
+                    raw[name]["cpu"].append(cpu)
                 if "pipeopt" in runners:
                     gc.collect()
                     compile_times.append(time_compile(graph))
@@ -283,6 +286,17 @@ def render(table: dict[tuple[int, str], dict[str, Any]], runners: Sequence[str])
         else:
             ratios = ["-" for r in runners if r != "naive"]
         lines.append(f"| {n:,} | {shape} | " + " | ".join(cells + ratios) + " |")
+    lines += [
+        "",
+        "CPU time of the run, µs per task (median; every thread of the process, so it moves"
+        " less with the machine's load than the run time)",
+        "",
+        "| tasks | shape | " + " | ".join(f"{r} CPU" for r in runners) + " |",
+        "|" + "---|" * (2 + len(runners)),
+    ]
+    for (n, shape), entry in table.items():
+        cells = [f"{per_task(entry['raw'][r]['cpu'], n):.1f}" for r in runners]
+        lines.append(f"| {n:,} | {shape} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Graph construction and validation, µs per task (median; not in the run times above,"
