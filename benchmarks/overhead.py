@@ -261,6 +261,30 @@ def paired_ratio(times: list[float], baseline: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(times, baseline, strict=True))
 
 
+def _per_task_table(
+    title: str, table: dict[tuple[int, str], dict[str, Any]], columns: dict[str, tuple[str, str]]
+) -> list[str]:
+    """Return a Markdown table of medians per task.
+
+    ``columns`` maps each heading to ``(runner, measure)``; runner ``""``
+    reads a measure of the whole entry (``compile``).
+    """
+    lines = [
+        "",
+        title,
+        "",
+        "| tasks | shape | " + " | ".join(columns) + " |",
+        "|" + "---|" * (2 + len(columns)),
+    ]
+    for (n, shape), entry in table.items():
+        cells = []
+        for runner, measure in columns.values():
+            seconds = entry["raw"][runner][measure] if runner else entry[measure]
+            cells.append(f"{per_task(seconds, n):.1f}" if seconds else "-")
+        lines.append(f"| {n:,} | {shape} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(table: dict[tuple[int, str], dict[str, Any]], runners: Sequence[str]) -> str:
     """Return the results as Markdown tables (run time, then build/compile)."""
     lines = [
@@ -286,29 +310,18 @@ def render(table: dict[tuple[int, str], dict[str, Any]], runners: Sequence[str])
         else:
             ratios = ["-" for r in runners if r != "naive"]
         lines.append(f"| {n:,} | {shape} | " + " | ".join(cells + ratios) + " |")
-    lines += [
-        "",
+    lines += _per_task_table(
         "CPU time of the run, µs per task (median; every thread of the process, so it moves"
         " less with the machine's load than the run time)",
-        "",
-        "| tasks | shape | " + " | ".join(f"{r} CPU" for r in runners) + " |",
-        "|" + "---|" * (2 + len(runners)),
-    ]
-    for (n, shape), entry in table.items():
-        cells = [f"{per_task(entry['raw'][r]['cpu'], n):.1f}" for r in runners]
-        lines.append(f"| {n:,} | {shape} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        table,
+        {f"{r} CPU": (r, "cpu") for r in runners},
+    )
+    lines += _per_task_table(
         "Graph construction and validation, µs per task (median; not in the run times above,"
         " except that pipeopt's run validates again)",
-        "",
-        "| tasks | shape | " + " | ".join(f"{r} build" for r in runners) + " | pipeopt compile |",
-        "|" + "---|" * (3 + len(runners)),
-    ]
-    for (n, shape), entry in table.items():
-        cells = [f"{per_task(entry['raw'][r]['build'], n):.1f}" for r in runners]
-        comp = f"{per_task(entry['compile'], n):.1f}" if entry["compile"] else "-"
-        lines.append(f"| {n:,} | {shape} | " + " | ".join([*cells, comp]) + " |")
+        table,
+        {**{f"{r} build": (r, "build") for r in runners}, "pipeopt compile": ("", "compile")},
+    )
     return "\n".join(lines)
 
 
