@@ -451,14 +451,15 @@ class PipelineOptimizer:
                 export_run(result, self._tracer_provider)
             except Exception:
                 _log.exception("run %s: emitting its OpenTelemetry spans failed", run_id)
-        _log.info(
-            "run %s of %r %s in %.3fs: %s",
-            run_id,
-            pipeline.name,
-            status.value,
-            wall,
-            {k: v for k, v in result.counts().items() if v},
-        )
+        if _log.isEnabledFor(logging.INFO):  # counting the states walks every task
+            _log.info(
+                "run %s of %r %s in %.3fs: %s",
+                run_id,
+                pipeline.name,
+                status.value,
+                wall,
+                {k: v for k, v in result.counts().items() if v},
+            )
         if interrupted is not None:
             raise RunInterrupted(result, interrupted) from interrupted
         return result
