@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeopt import Pipeline, PipelineOptimizer, PipelineTask
-from pipeopt.estimates import plan
+from pipeopt.estimates import event_samples, plan
 from pipeopt.store import DB_NAME, RunStore
 from pipeopt.store import estimates as stored
 
@@ -106,10 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         conn = sqlite3.connect(Path(folder) / DB_NAME, isolation_level=None)
         try:
+            # The run's events as the store's writer has them, in columns.
+            outcomes = list(result.tasks.values())
+            batch = (
+                tuple(o.name for o in outcomes),
+                tuple(o.attempt_history[-1].duration for o in outcomes),
+                tuple(o.state.value for o in outcomes),
+            )
 
             def update() -> None:
                 conn.execute("BEGIN IMMEDIATE")
-                stored.record(conn, pipeline.name, result, ())
+                stored.record(conn, pipeline.name, event_samples([batch], ()), result.tasks)
                 conn.execute("ROLLBACK")
 
             figures["update"] = timed(args.repeat, update)

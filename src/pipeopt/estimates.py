@@ -28,14 +28,13 @@ from __future__ import annotations
 import math
 import operator
 from array import array
-from collections.abc import Collection, Container, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
 from typing import TYPE_CHECKING, Final, NamedTuple, cast
 
 if TYPE_CHECKING:
     from pipeopt.graph import CompiledPipeline
-    from pipeopt.result import RunResult
 
 WINDOW: Final = 10  # samples per task behind the median
 # The window of a task without samples: shifting in samples keeps the lower
@@ -160,46 +159,46 @@ class Samples(NamedTuple):
 
 
 _HINT = operator.attrgetter("expected_duration")
-_STATE = operator.attrgetter("state")
-_NAME = operator.attrgetter("name")
-_HISTORY = operator.attrgetter("attempt_history")
-_DURATION = operator.attrgetter("duration")
-_LAST = operator.itemgetter(-1)
+
+#: One encoded batch of a run's events: task names, attempt durations, state values.
+EventBatch = tuple[Sequence[str], Sequence[float], Sequence[str]]
 
 
-def run_samples(result: RunResult, mapped: Collection[str]) -> Samples:
-    """Return the durations of ``result``'s successful attempts; items under their task.
+def event_samples(batches: Iterable[EventBatch], mapped: Collection[str]) -> Samples:
+    """Return the durations of a run's successful attempts; items under their task.
 
-    A task that succeeded after retries counts its successful attempt only;
-    cached and resumed tasks ran nothing and count nothing. (Columns of C
-    calls: the end of a 100,000-task run must not wait on a Python loop.)
+    ``batches`` are its recorded events as columns. A task that succeeded
+    after retries counts its successful attempt only; cached and resumed
+    tasks ran nothing and count nothing. (Columns of C calls: the end of a
+    100,000-task run must not wait on a Python loop.)
     """
-    from pipeopt.result import TaskState
-
-    outcomes = list(result.tasks.values())
-    histories = list(map(_HISTORY, outcomes))
-    succeeded = map(TaskState.SUCCEEDED.__eq__, map(_STATE, outcomes))
-    ran = list(map(operator.and_, succeeded, map(bool, histories)))
-    names = list(compress(map(_NAME, outcomes), ran))
-    durations = list(map(_DURATION, map(_LAST, compress(histories, ran))))
+    batches = list(batches)
+    tasks = list(chain.from_iterable(b[0] for b in batches))
+    durations = list(chain.from_iterable(b[1] for b in batches))
+    states = chain.from_iterable(b[2] for b in batches)
+    ok = list(map(operator.eq, states, repeat("succeeded")))
+    names = list(compress(tasks, ok))
+    seconds = list(compress(durations, ok))
     grouped: dict[str, list[float]] = {}
-    if mapped or not all(map(math.isfinite, durations)):
+    if mapped or not all(map(math.isfinite, seconds)):
         single: dict[str, float] = {}
-        for name, duration in zip(names, durations, strict=True):
+        for name, duration in zip(names, seconds, strict=True):
             if not math.isfinite(duration) or duration < 0:
-                continue
+                continue  # a result recorded without its attempt
             if name[-1:] == "]" and (base := name.partition("[")[0]) in mapped:
                 grouped.setdefault(base, []).append(duration)
             else:
                 single[name] = duration
         return Samples(single, grouped)
-    return Samples(dict(zip(names, durations, strict=True)), grouped)
+    return Samples(dict(zip(names, seconds, strict=True)), grouped)
 
 
-def learn(old: LearnedDurations | None, new: Samples, keep: Container[str]) -> LearnedDurations:
+def learn(old: LearnedDurations | None, new: Samples, keep: Collection[str]) -> LearnedDurations:
     """Return ``old`` with the samples ``new`` added, for the tasks in ``keep``.
 
-    A task of ``old`` not in ``keep`` (no longer in the pipeline) is dropped.
+    ``keep`` lists the run's tasks in the pipeline's order: a task of ``old``
+    not in it (no longer in the pipeline) is dropped, and tasks learned for
+    the first time are added in its order.
     Each window keeps the last :data:`WINDOW` samples. Done column by column
     in C calls (the end of a 100,000-task run must not wait on a Python loop
     per task), except for the items of mapped tasks.
@@ -215,12 +214,16 @@ def learn(old: LearnedDurations | None, new: Samples, keep: Container[str]) -> L
             array("q", old.samples),
         )
         single = new.single
-        if not new.grouped and len(single) == len(old_names) and tuple(single) == old_names:
-            # The usual: the same tasks as last time, each ran once. (Comparing the
-            # names in order costs far less than looking each one up.)
-            columns = [*columns[1:], array("d", single.values())]
-            counts = array("q", map(operator.add, counts, repeat(1)))
-            return _with_medians(tuple(old_names), columns, counts)
+        if not new.grouped and len(single) == len(old_names) == len(keep):
+            # The usual: the same tasks as last time, each ran once. Comparing the
+            # names in order costs far less than looking up names read from the store.
+            order = tuple(keep)
+            if order == old_names:
+                ordered = list(map(single.get, order))
+                if None not in ordered:
+                    columns = [*columns[1:], array("d", cast("list[float]", ordered))]
+                    counts = array("q", map(operator.add, counts, repeat(1)))
+                    return _with_medians(tuple(old_names), columns, counts)
     kept = list(map(keep.__contains__, old_names))
     names = list(old_names)
     if not all(kept):
@@ -232,8 +235,9 @@ def learn(old: LearnedDurations | None, new: Samples, keep: Container[str]) -> L
     latest: list[float | None] = list(map(single.get, names)) if single else []
     added: list[str] = []
     if len(latest) - latest.count(None) != len(single) or new.grouped:
-        known = set(names)  # new tasks go last, in the run's order
-        added = [name for name in chain(single, new.grouped) if name not in known]
+        known = set(names)  # new tasks go last, in the pipeline's order
+        grouped = new.grouped
+        added = [name for name in keep if (name in single or name in grouped) and name not in known]
     if not columns:
         columns = [array("d") for _ in range(width)]
     if added:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from pipeopt.estimates import (
     LearnedDurations,
     Samples,
     estimate_text,
+    event_samples,
     learn,
     median,
     plan,
@@ -133,3 +136,18 @@ def test_the_same_tasks_in_the_same_order_learn_as_any_other_order() -> None:
     shuffled = learn(first, Samples({"c": 9.5, "a": 3.0, "b": 2.0}, {}), keep="abc")
     assert in_order.lookup() == shuffled.lookup() == {"a": (1.0, 2), "b": (2.0, 2), "c": (9.0, 2)}
     assert [list(c) for c in in_order.windows] == [list(c) for c in shuffled.windows]
+
+
+def test_event_samples_take_successful_attempts_and_group_items() -> None:
+    batches = [
+        (
+            ("a", "a", "b", "m[0]"),
+            (0.5, 0.1, math.nan, 0.2),
+            ("retrying", "succeeded", "succeeded", "succeeded"),
+        ),
+        (("m[1]", "c", "m[2]"), (0.4, 0.3, 0.1), ("succeeded", "cached", "failed")),
+    ]
+    samples = event_samples(batches, mapped={"m"})
+    assert samples.single == {"a": 0.1}  # b: a result without an attempt; c: cached
+    assert samples.grouped == {"m": [0.2, 0.4]}
+    assert event_samples(batches[:1], mapped=()).single == {"a": 0.1, "m[0]": 0.2}

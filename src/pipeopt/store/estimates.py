@@ -26,8 +26,7 @@ from array import array
 from collections.abc import Collection, Sequence
 from typing import cast
 
-from pipeopt.estimates import WINDOW, LearnedDurations, TaskEstimates, learn, run_samples
-from pipeopt.result import RunResult
+from pipeopt.estimates import WINDOW, LearnedDurations, Samples, TaskEstimates, learn
 from pipeopt.store.records import PICKLE_PROTOCOL
 
 _log = logging.getLogger("pipeopt.store")
@@ -85,14 +84,11 @@ def _floats(blob: bytes, count: int) -> array[float]:
     return values
 
 
-def record(
-    conn: sqlite3.Connection, pipeline: str, result: RunResult, mapped: Collection[str]
-) -> None:
-    """Fold the successful attempts of ``result`` into ``pipeline``'s learned durations.
+def record(conn: sqlite3.Connection, pipeline: str, new: Samples, keep: Collection[str]) -> None:
+    """Fold a run's samples into ``pipeline``'s learned durations, for the tasks in ``keep``.
 
     A damaged summary is replaced by one learned from this run (logged).
     """
-    new = run_samples(result, mapped)
     row = _row(conn, pipeline, windows=True)
     try:
         old = _decode(row)
@@ -103,7 +99,7 @@ def record(
         old = LearnedDurations((), (), ())
     if not len(new) and not len(old):
         return
-    learned = learn(old, new, result.tasks)
+    learned = learn(old, new, keep)
     # The same tasks as last time (the usual): their names are stored already.
     same = row is not None and learned.names == old.names
     conn.execute(

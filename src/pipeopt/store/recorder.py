@@ -45,6 +45,7 @@ class Recorder:
         "no_persist",
         "pipeline",
         "run_id",
+        "samples",
         "writer",
     )
 
@@ -57,6 +58,7 @@ class Recorder:
         run_id: str,
         pipeline: str,
         no_persist: frozenset[str],
+        learns: bool = False,
     ) -> None:
         self.writer = writer
         self._lookup = lookup
@@ -69,6 +71,11 @@ class Recorder:
         self.run_id = run_id
         self.pipeline = pipeline
         self.no_persist = no_persist
+        # Columns of the encoded events (tasks, durations, states), kept by the
+        # writer for learning durations at the end; None when the run does not learn.
+        self.samples: list[tuple[tuple[str, ...], tuple[float, ...], tuple[str, ...]]] | None = (
+            [] if learns else None
+        )
         self.hits: dict[str, int] = {}  # task -> runs.id of the cached result it reused
 
     def attempt_finished(self, task: str, record: AttemptRecord, state: TaskState) -> None:

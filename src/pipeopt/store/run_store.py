@@ -186,6 +186,7 @@ class RunStore:
                 run_id=run_id,
                 pipeline=pipeline,
                 no_persist=no_persist,
+                learns=learn,
             )
             self._writer.add(recorder)
             self._active[run_id] = recorder

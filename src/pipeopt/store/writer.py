@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
+from pipeopt.estimates import event_samples
 from pipeopt.result import RunResult, TaskState
 from pipeopt.store import estimates
 from pipeopt.store.recorder import Recorder
@@ -157,10 +158,12 @@ class End:
         )
 
     def _learn(self, conn: sqlite3.Connection) -> None:
-        if self.mapped is None:
+        columns = self.recorder.samples
+        if self.mapped is None or columns is None:
             return
         try:
-            estimates.record(conn, self.recorder.pipeline, self.result, self.mapped)
+            samples = event_samples(columns, self.mapped)
+            estimates.record(conn, self.recorder.pipeline, samples, self.result.tasks)
         except sqlite3.Error:
             raise
         except Exception as exc:  # learning must never cost the run its record
@@ -328,6 +331,8 @@ class Writer:
             columns.failures,
         )
         state_texts = tuple(map(_STATE_TEXT.__getitem__, columns.states))
+        if recorder.samples is not None:
+            recorder.samples.append((tasks, columns.durations, state_texts))
         failures: tuple[tuple[int, str, str, str | None], ...] = ()
         if failed.count(None) != len(failed):
             failures = tuple(
