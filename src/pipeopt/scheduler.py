@@ -95,11 +95,13 @@ class SchedulerCore:
         self.rng = rng if rng is not None else random.Random()
         self.params: Mapping[str, Any] = RunParams(compiled.params if params is None else params)
         n = len(compiled)
-        self.tasks: list[PipelineTask] = list(compiled.tasks)
-        self.injections = list(compiled.injections)
-        self.names: list[str] = list(compiled.names)
-        self.groups: list[str] = list(compiled.names)  # metrics label: items share their task's
-        self.levels: list[int] = list(compiled.levels)
+        # Shared with the compiled pipeline until mapped items extend them (_own_lists).
+        self.tasks: list[PipelineTask] = compiled.tasks
+        self.injections = compiled.injections
+        self.names: list[str] = compiled.names
+        self.groups: list[str] = compiled.names  # metrics label: items share their task's
+        self.levels: list[int] = compiled.levels
+        self._owns_lists = False
         declared = _DECLARED.get
         self.outcomes = [
             TaskOutcome(
@@ -115,7 +117,7 @@ class SchedulerCore:
         self._breakers = list(map(_breaker_of, self.tasks))
         self._levels = self.levels
         # Remaining critical path per task; the queue gets it negated (longest first).
-        self._paths = list(compiled.critical_path)
+        self._paths = compiled.critical_path
         self._static = n
         self._map_sources = compiled.map_sources
         self._triggers: list[str] = list(map(_trigger_of, self.tasks))
@@ -315,6 +317,7 @@ class SchedulerCore:
         name = task.name
         item_names = [f"{name}[{k}]" for k in range(count)]
         label, declared = outcome.criticality, outcome.declared_criticality
+        self._own_lists()
         self.outcomes.extend([TaskOutcome(n, label, declared) for n in item_names])
         self.names.extend(item_names)
         self.groups.extend([name] * count)
@@ -342,6 +345,18 @@ class SchedulerCore:
                 self._make_ready(j)
                 ready += 1
         return ready
+
+    def _own_lists(self) -> None:
+        """Copy the per-task lists shared with the compiled pipeline, before items extend them."""
+        if self._owns_lists:
+            return
+        self._owns_lists = True
+        self.tasks = list(self.tasks)
+        self.injections = list(self.injections)
+        self.names = list(self.names)
+        self.groups = list(self.groups)
+        self.levels = self._levels = list(self.levels)
+        self._paths = list(self._paths)
 
     def _final(self, i: int) -> int:
         """Count task ``i`` as final; return tasks made ready (by a mapped task ending)."""

@@ -270,7 +270,8 @@ def test_core_counts_items_in_the_total_and_ends_when_all_are_final() -> None:
     def each(source: str) -> str:
         return source.upper()
 
-    core = SchedulerCore(p.compile(), aging_interval=None)
+    compiled = p.compile()
+    core = SchedulerCore(compiled, aging_interval=None)
     core.start()
     assert core.total == 2
     i = core.next_task(0.0)
@@ -285,3 +286,7 @@ def test_core_counts_items_in_the_total_and_ends_when_all_are_final() -> None:
         core.succeed(j, core.arguments(j)["source"].upper(), None)
     assert core.done
     assert core.results["each"] == ["X", "Y"]
+    # The items joined the run's lists, not the compiled pipeline's (which later runs reuse).
+    assert core.names == ["source", "each", "each[0]", "each[1]"]
+    assert compiled.names == ["source", "each"]
+    assert len(compiled.tasks) == len(compiled.levels) == len(compiled.critical_path) == 2
