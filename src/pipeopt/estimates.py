@@ -5,9 +5,9 @@ Policy
     hint, its duration learned from earlier runs of the same pipeline (the
     median of its last :data:`WINDOW` successful attempts, the lower middle
     one of an even number; the items ``name[i]`` of a mapped task are
-    attempts of ``name``); with neither, 1.0
-    (the critical path then counts tasks). Estimates only rank tasks of one
-    criticality level against each other: criticality still comes first.
+    attempts of ``name``); with neither, 1.0 (the critical path then counts
+    tasks). Estimates only rank tasks of one criticality level against each
+    other: criticality still comes first.
 
 State
     :class:`LearnedDurations` is what a run store keeps per pipeline: task
