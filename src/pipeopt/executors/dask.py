@@ -63,8 +63,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
@@ -324,10 +326,29 @@ class DaskExecutor:
             return
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            _close_cluster(cluster)
+        with _quiet_closed_comms():
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                _close_cluster(cluster)
+
+
+@contextlib.contextmanager
+def _quiet_closed_comms() -> Iterator[None]:
+    """Hold back Dask's note, with a traceback, that a comm closed while this closes it.
+
+    Cancelled attempts make the scheduler answer the client while the client
+    closes; its batched stream then logs the ``CommClosedError`` at INFO level
+    with the whole traceback, which ``pipeopt run`` would print for an
+    ordinary Ctrl-C.
+    """
+    batched = logging.getLogger("distributed.batched")
+    saved = batched.level
+    batched.setLevel(max(logging.WARNING, saved))
+    try:
+        yield
+    finally:
+        batched.setLevel(saved)
 
 
 def _close_cluster(cluster: Any) -> None:
