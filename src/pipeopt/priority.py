@@ -104,9 +104,10 @@ _ITEM, _LEVEL, _RANK, _SEQ, _ENQUEUED, _ALIVE = range(6)
 class LeveledQueue(Generic[T]):
     """Not thread-safe core of :class:`PriorityJobQueue`, also used by the scheduler.
 
-    Within a level, items of equal rank wait in one FIFO and a heap holds
-    the distinct ranks, so pushing and popping cost O(1) when few ranks are
-    in use (tasks ranked by hop count) and O(log n) at worst.
+    Within a level, items of equal rank wait in one FIFO (a rank held by a
+    single item is its own bucket) and a heap holds the distinct ranks, so
+    pushing and popping cost O(1) when few ranks are in use (tasks ranked by
+    hop count) and O(log n) at worst (every task its own estimate).
 
     Args:
         aging_interval: seconds of waiting that promote an item one level;
@@ -140,9 +141,8 @@ class LeveledQueue(Generic[T]):
         self._clock = clock
         # Per level: a heap of the ranks present, and per rank its items in arrival order.
         self._ranks: list[list[float]] = [[] for _ in range(_LEVELS)]
-        self._buckets: list[dict[float, collections.deque[list[Any]]]] = [
-            {} for _ in range(_LEVELS)
-        ]
+        # A bucket is one entry (a list) or a deque of entries: typed Any for the hot path.
+        self._buckets: list[dict[float, Any]] = [{} for _ in range(_LEVELS)]
         # Per level, every item in arrival order (only when aging): the oldest is promoted first.
         self._fifos: list[collections.deque[list[Any]]] = [
             collections.deque() for _ in range(_LEVELS)
@@ -161,9 +161,14 @@ class LeveledQueue(Generic[T]):
         buckets = self._buckets[level]
         bucket = buckets.get(rank)
         if bucket is None:
-            bucket = buckets[rank] = collections.deque()
+            # A rank's first item is its own bucket: no FIFO for ranks seen once
+            # (distinct critical paths are the common case with duration estimates).
+            buckets[rank] = entry
             heapq.heappush(self._ranks[level], rank)
-        bucket.append(entry)
+        elif type(bucket) is list:
+            buckets[rank] = collections.deque((bucket, entry))
+        else:
+            bucket.append(entry)
         if aging is not None:
             self._fifos[level].append(entry)
         self._sizes[level] += 1
@@ -177,10 +182,14 @@ class LeveledQueue(Generic[T]):
         buckets = self._buckets[level]
         while True:
             bucket = buckets[ranks[0]]
-            while bucket and not bucket[0][_ALIVE]:
-                bucket.popleft()
-            if bucket:
-                return bucket[0]
+            if type(bucket) is list:
+                if bucket[_ALIVE]:
+                    return bucket
+            else:
+                while bucket and not bucket[0][_ALIVE]:
+                    bucket.popleft()
+                if bucket:
+                    return bucket[0]  # type: ignore[no-any-return]
             del buckets[heapq.heappop(ranks)]
 
     def pop(self) -> T | None:
@@ -198,8 +207,15 @@ class LeveledQueue(Generic[T]):
             # wins (the scheduler's hot path: _head and _taken inline).
             ranks = self._ranks[first]
             buckets = self._buckets[first]
+            entry: list[Any] | None
             while True:
                 bucket = buckets[ranks[0]]
+                if type(bucket) is list:
+                    del buckets[heapq.heappop(ranks)]
+                    if bucket[_ALIVE]:
+                        entry = bucket
+                        break
+                    continue
                 entry = bucket.popleft() if bucket else None
                 while entry is not None and not entry[_ALIVE]:
                     entry = bucket.popleft() if bucket else None
@@ -262,7 +278,8 @@ class LeveledQueue(Generic[T]):
         for level in range(_LEVELS):
             buckets = self._buckets[level]
             for rank in sorted(buckets):
-                for entry in buckets[rank]:
+                bucket = buckets[rank]
+                for entry in (bucket,) if type(bucket) is list else bucket:
                     if entry[_ALIVE]:
                         entry[_ALIVE] = False
                         items.append(entry[_ITEM])

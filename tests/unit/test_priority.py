@@ -30,6 +30,48 @@ def test_most_critical_first_and_fifo_among_peers(labels: list[str]) -> None:
     assert len(q) == 0
 
 
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.integers(0, 5), st.sampled_from([0.0, -1.0, -2.5])),  # shared ranks
+            st.tuples(st.integers(0, 5), st.floats(-100, 0)),  # mostly distinct ranks
+            st.none(),  # a pop
+        ),
+        max_size=300,
+    )
+)
+def test_leveled_queue_pops_by_level_then_rank_then_arrival(
+    ops: list[tuple[int, float] | None],
+) -> None:
+    from pipeopt.priority import LeveledQueue
+
+    q: LeveledQueue[int] = LeveledQueue(aging_interval=None)
+    waiting: list[tuple[int, float, int]] = []  # the reference: a sorted list
+    for seq, op in enumerate(ops):
+        if op is None:
+            expected = min(waiting, default=None)
+            if expected is not None:
+                waiting.remove(expected)
+            assert q.pop() == (expected[2] if expected else None)
+        else:
+            q.push(seq, op[0], op[1])
+            waiting.append((op[0], op[1], seq))
+    assert q.drain() == [seq for _, _, seq in sorted(waiting)]
+    assert q.size == 0
+    # With aging the order changes, but every item still leaves exactly once.
+    clock = FakeClock()
+    aged: LeveledQueue[int] = LeveledQueue(aging_interval=1.0, clock=clock)
+    out: list[int | None] = []
+    for seq, op in enumerate(ops):
+        clock.now += 0.3
+        if op is None:
+            out.append(aged.pop())
+        else:
+            aged.push(seq, op[0], op[1])
+    out += aged.drain()
+    assert sorted(x for x in out if x is not None) == [s for s, op in enumerate(ops) if op]
+
+
 def test_critical_backlog_counts_blockers_and_criticals() -> None:
     q: PriorityJobQueue[str] = PriorityJobQueue()
     for label in LABELS:
