@@ -59,6 +59,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pipeopt.priority import Criticality, parse_criticality
+from pipeopt.result import outcome_metrics
 
 if TYPE_CHECKING:
     from pipeopt.graph import CompiledPipeline, PipelineTask
@@ -350,10 +351,11 @@ def _custom_series(
 ) -> None:
     keys = _item_keys(core, labels)
     for i, outcome in enumerate(core.outcomes):
-        if not outcome.custom_metrics:
+        custom = outcome_metrics(outcome)
+        if not custom:
             continue
         pipeline, group, task = keys[i]
-        for name, value in list(outcome.custom_metrics.items()):
+        for name, value in list(custom.items()):
             key = (pipeline, group, task, name)
             if key in into:
                 into[key] += value  # several tasks folded into one series

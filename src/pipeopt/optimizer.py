@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
-import operator
 import os
 import random
 import secrets
@@ -24,7 +22,15 @@ from pipeopt.executors.registry import create_executor
 from pipeopt.logs import capture as log_capture
 from pipeopt.metrics import OptimizerMetrics
 from pipeopt.params import resolve_params
-from pipeopt.result import RunGraph, RunResult, RunSnapshot, RunStatus, TaskOutcome, TaskState
+from pipeopt.result import (
+    RunGraph,
+    RunResult,
+    RunSnapshot,
+    RunStatus,
+    TaskOutcome,
+    TaskState,
+    copy_outcome,
+)
 from pipeopt.run_loop import RunHooks, RunLoop
 from pipeopt.scheduler import SchedulerCore
 
@@ -548,7 +554,7 @@ class PipelineOptimizer:
             for i, outcome in enumerate(core.outcomes):
                 copied = kept[i]
                 if copied is None:
-                    copied = _copy_outcome(outcome)
+                    copied = copy_outcome(outcome)
                     if copied.state.is_final:
                         kept[i] = copied
                 tasks[copied.name] = copied
@@ -583,25 +589,6 @@ class PipelineOptimizer:
             running_since=running,
             batchers=batchers,
         )
-
-
-_OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(TaskOutcome) if f.init)
-_outcome_values = operator.attrgetter(*_OUTCOME_FIELDS)
-# Lists, dicts and deques the workers keep appending to (attempts, custom metrics, logs).
-_OUTCOME_CONTAINERS = tuple(
-    f.name for f in dataclasses.fields(TaskOutcome) if f.default_factory is not dataclasses.MISSING
-)
-
-
-def _copy_outcome(outcome: TaskOutcome) -> TaskOutcome:
-    # Under the scheduler's lock, so as cheap as it gets: copy.copy of a slotted
-    # dataclass goes through __reduce_ex__ and costs five times as much.
-    copied = TaskOutcome(*_outcome_values(outcome))
-    for name in _OUTCOME_CONTAINERS:
-        value = getattr(outcome, name)
-        if value:
-            setattr(copied, name, type(value)(value))
-    return copied
 
 
 def _run_graph(compiled: CompiledPipeline) -> RunGraph:

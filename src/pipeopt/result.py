@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Mapping
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -97,7 +98,6 @@ class AttemptRecord(NamedTuple):
     traceback: str | None = None
 
 
-@dataclass(slots=True)
 class TaskOutcome:
     """Everything known about one task of a run.
 
@@ -110,27 +110,199 @@ class TaskOutcome:
     on the task. ``logs`` holds the log records its attempts emitted,
     formatted, at most a bounded number per task (a last line says how many
     were left out).
+
+    Compares, prints and pickles like a dataclass of these fields. A run
+    holds one per task, so ``attempt_history``, ``custom_metrics`` and
+    ``logs`` are made on first use, and a task that succeeded at its first
+    attempt keeps only that attempt's duration until its history is asked for.
     """
+
+    __slots__ = (
+        "_finished",
+        "_history",
+        "_logs",
+        "_metrics",
+        "attempts",
+        "criticality",
+        "declared_criticality",
+        "error",
+        "name",
+        "started_at",
+        "state",
+        "traceback",
+    )
+    __match_args__ = (
+        "name",
+        "criticality",
+        "declared_criticality",
+        "state",
+        "attempts",
+        "started_at",
+        "finished_at",
+        "error",
+        "traceback",
+        "attempt_history",
+        "custom_metrics",
+        "logs",
+    )
 
     name: str
     criticality: str
-    declared_criticality: str | None = None
-    state: TaskState = TaskState.PENDING
-    attempts: int = 0
-    started_at: float | None = None
-    finished_at: float | None = None
-    error: BaseException | None = None
-    traceback: str | None = None
-    attempt_history: list[AttemptRecord] = field(default_factory=list)
-    custom_metrics: dict[str, float] = field(default_factory=dict)
-    logs: list[str] = field(default_factory=list)
+    declared_criticality: str | None
+    state: TaskState
+    attempts: int
+    started_at: float | None
+    error: BaseException | None
+    traceback: str | None
+    # None (no attempt recorded yet), the history list, or, for a task whose
+    # first attempt succeeded, that attempt's duration alone.
+    _history: list[AttemptRecord] | float | None
+    _finished: float | None
+    _metrics: dict[str, float] | None
+    _logs: list[str] | None
+
+    def __init__(  # noqa: PLR0917 - positional, as the dataclass it replaces took them
+        self,
+        name: str,
+        criticality: str,
+        declared_criticality: str | None = None,
+        state: TaskState = TaskState.PENDING,
+        attempts: int = 0,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        error: BaseException | None = None,
+        traceback: str | None = None,
+        attempt_history: list[AttemptRecord] | None = None,
+        custom_metrics: dict[str, float] | None = None,
+        logs: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.criticality = criticality
+        self.declared_criticality = declared_criticality
+        self.state = state
+        self.attempts = attempts
+        self.started_at = started_at
+        self._finished = finished_at
+        self.error = error
+        self.traceback = traceback
+        self._history = attempt_history
+        self._metrics = custom_metrics
+        self._logs = logs
+
+    @property
+    def finished_at(self) -> float | None:
+        """Return when the last attempt ended (an epoch), or None if the task has not."""
+        finished = self._finished
+        if finished is None:
+            history = self._history
+            if isinstance(history, int | float):
+                return self.started_at + history  # type: ignore[operator]
+        return finished
+
+    @finished_at.setter
+    def finished_at(self, value: float | None) -> None:
+        if value is None:
+            self._own_history()
+        self._finished = value
+
+    @property
+    def attempt_history(self) -> list[AttemptRecord]:
+        """Return the record of each attempt, in order."""
+        history = self._history
+        if history is None or isinstance(history, int | float):
+            return self._own_history()
+        return history
+
+    @attempt_history.setter
+    def attempt_history(self, value: list[AttemptRecord]) -> None:
+        self._history = value
+
+    @property
+    def custom_metrics(self) -> dict[str, float]:
+        """Return the custom metrics its body recorded, by name."""
+        metrics = self._metrics
+        if metrics is None:
+            metrics = self._metrics = {}
+        return metrics
+
+    @custom_metrics.setter
+    def custom_metrics(self, value: dict[str, float]) -> None:
+        self._metrics = value
+
+    @property
+    def logs(self) -> list[str]:
+        """Return the log records its attempts emitted, formatted."""
+        logs = self._logs
+        if logs is None:
+            logs = self._logs = []
+        return logs
+
+    @logs.setter
+    def logs(self, value: list[str]) -> None:
+        self._logs = value
+
+    def _own_history(self) -> list[AttemptRecord]:
+        history = self._history
+        if history is None:
+            made: list[AttemptRecord] = []
+        elif isinstance(history, int | float):
+            finished = self.finished_at
+            made = [AttemptRecord(1, self.started_at, history)]  # type: ignore[arg-type]
+            self._finished = finished
+        else:
+            return history
+        self._history = made
+        return made
 
     @property
     def duration(self) -> float | None:
         """Return seconds from the first start to the end, or None if it never ran."""
-        if self.started_at is None or self.finished_at is None:
+        finished = self.finished_at
+        if self.started_at is None or finished is None:
             return None
-        return self.finished_at - self.started_at
+        return finished - self.started_at
+
+    def _values(self) -> tuple[Any, ...]:
+        # Read without making the containers this outcome does not have yet.
+        history = self._history
+        if history is None:
+            history = []
+        elif isinstance(history, int | float):
+            history = [AttemptRecord(1, self.started_at, history)]  # type: ignore[arg-type]
+        return (
+            self.name,
+            self.criticality,
+            self.declared_criticality,
+            self.state,
+            self.attempts,
+            self.started_at,
+            self.finished_at,
+            self.error,
+            self.traceback,
+            history,
+            {} if self._metrics is None else self._metrics,
+            [] if self._logs is None else self._logs,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{field}={value!r}"
+            for field, value in zip(self.__match_args__, self._values(), strict=True)
+        )
+        return f"{type(self).__qualname__}({shown})"
+
+    def __getstate__(self) -> list[Any]:
+        return list(self._values())
+
+    def __setstate__(self, state: list[Any]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict of this outcome (errors as type and message)."""
@@ -144,9 +316,43 @@ class TaskOutcome:
             "duration_s": self.duration,
             "error_type": type(self.error).__name__ if self.error is not None else None,
             "error": str(self.error) if self.error is not None else None,
-            "custom_metrics": dict(self.custom_metrics),
-            "logs": list(self.logs),
+            "custom_metrics": dict(self._metrics or ()),
+            "logs": list(self._logs or ()),
         }
+
+
+def copy_outcome(outcome: TaskOutcome) -> TaskOutcome:
+    """Return a copy of ``outcome`` with containers of its own, made only where it has them."""
+    copied = TaskOutcome.__new__(TaskOutcome)
+    copied.name = outcome.name
+    copied.criticality = outcome.criticality
+    copied.declared_criticality = outcome.declared_criticality
+    copied.state = outcome.state
+    copied.attempts = outcome.attempts
+    copied.started_at = outcome.started_at
+    copied._finished = outcome._finished
+    copied.error = outcome.error
+    copied.traceback = outcome.traceback
+    history, metrics, logs = outcome._history, outcome._metrics, outcome._logs
+    copied._history = list(history) if isinstance(history, list) else history
+    copied._metrics = dict(metrics) if metrics else None
+    copied._logs = list(logs) if logs else None
+    return copied
+
+
+def outcome_metrics(outcome: TaskOutcome) -> Mapping[str, float]:
+    """Return the outcome's custom metrics without making a dict for an outcome that has none."""
+    metrics = outcome._metrics
+    return _NO_METRICS if metrics is None else metrics
+
+
+def outcome_logs(outcome: TaskOutcome) -> Sequence[str]:
+    """Return the outcome's log lines without making a list for an outcome that has none."""
+    logs = outcome._logs
+    return () if logs is None else logs
+
+
+_NO_METRICS: Mapping[str, float] = types.MappingProxyType({})
 
 
 @dataclass(slots=True)

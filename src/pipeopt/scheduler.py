@@ -531,11 +531,16 @@ class SchedulerCore:
         outcome = outcomes[i]
         outcome.state = _SUCCEEDED
         if record is not None:
-            outcome.attempt_history.append(record)
-            duration = record.duration
+            duration = record[2]
             self.attempt_tasks.append(i)
             self.attempt_seconds.append(duration)
-            outcome.finished_at = record.started_at + duration
+            if outcome._history is None and record[0] == 1 and record[1] == outcome.started_at:
+                # The common case: keep the duration alone; the outcome builds
+                # its history and end time from it when they are asked for.
+                outcome._history = duration
+            else:
+                outcome.attempt_history.append(record)
+                outcome.finished_at = record.started_at + duration
         else:
             outcome.finished_at = time.time()
         if outcome.error is not None:  # an earlier attempt failed

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeopt.result import AttemptRecord, RunSnapshot, TaskOutcome, TaskState
+from pipeopt.result import AttemptRecord, RunSnapshot, TaskOutcome, TaskState, outcome_metrics
 
 if TYPE_CHECKING:
     from pipeopt.batching import BatcherStatistics
@@ -439,7 +439,7 @@ def load_rows(
     rows: list[dict[str, Any]] = []
     for outcome in tasks:
         stats = batchers.get(outcome.name)
-        custom = outcome.custom_metrics
+        custom = outcome_metrics(outcome)
         if stats is None and "rows_written" not in custom:
             continue
         written = custom.get("rows_written")

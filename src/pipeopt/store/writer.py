@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from pipeopt.estimates import event_samples
-from pipeopt.result import RunResult, TaskState
+from pipeopt.result import RunResult, TaskState, outcome_logs
 from pipeopt.store import estimates
 from pipeopt.store.recorder import Recorder
 from pipeopt.store.records import (
@@ -137,7 +137,7 @@ class End:
         key = self.recorder.key
         payload = self.payload()
         if finals:
-            logs = {o.name: o.logs for o in result.tasks.values() if o.logs}
+            logs = {o.name: o.logs for o in result.tasks.values() if outcome_logs(o)}
             conn.execute("DELETE FROM task_logs WHERE run = ?", (key,))
             if logs:
                 conn.execute(
