@@ -99,6 +99,8 @@ class QueueStatistics:
 # A queued item is a list ``[item, level, rank, seq, enqueued_at, alive]``: one
 # allocation per push on the scheduler's hot path (a slotted object costs ten times more).
 _ITEM, _LEVEL, _RANK, _SEQ, _ENQUEUED, _ALIVE = range(6)
+# Dead entries an aging FIFO may hold beyond twice its live ones before it is compacted.
+_FIFO_SLACK = 64
 
 
 class LeveledQueue(Generic[T]):
@@ -232,6 +234,8 @@ class LeveledQueue(Generic[T]):
                 ranks.clear()
                 buckets.clear()
                 self._fifos[first].clear()
+            elif aging is not None and len(self._fifos[first]) > 2 * left + _FIFO_SLACK:
+                self._compact(first)
             return entry[_ITEM]  # type: ignore[no-any-return]
         now = self._clock()
         best: list[Any] | None = None
@@ -267,10 +271,18 @@ class LeveledQueue(Generic[T]):
         self.size -= 1
         if level <= _CRITICAL:
             self.critical_backlog -= 1
-        if not self._sizes[level]:
+        left = self._sizes[level]
+        if not left:
             self._ranks[level].clear()
             self._buckets[level].clear()
             self._fifos[level].clear()
+        elif len(self._fifos[level]) > 2 * left + _FIFO_SLACK:
+            self._compact(level)
+
+    def _compact(self, level: int) -> None:
+        # Popped entries stay in the aging FIFO until they reach its head; a queue
+        # that never empties would keep every entry it ever held without this.
+        self._fifos[level] = collections.deque([e for e in self._fifos[level] if e[_ALIVE]])
 
     def drain(self) -> list[T]:
         """Remove and return every item, most urgent first (no aging applied)."""
