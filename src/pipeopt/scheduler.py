@@ -59,11 +59,11 @@ from pipeopt.priority import LABELS, Criticality, LeveledQueue, parse_criticalit
 from pipeopt.result import AttemptRecord, Missing, TaskOutcome, TaskState
 
 if TYPE_CHECKING:
+    from pipeopt.breaker import CircuitBreaker
     from pipeopt.graph import CompiledPipeline, PipelineTask
 
 _PARK_FOR_BUSY_BREAKER = 0.05  # re-check a half-open breaker whose trial slots are all taken
 _SUCCESS = (TaskState.SUCCEEDED, TaskState.CACHED)
-_breaker_of = operator.attrgetter("circuit_breaker")
 _trigger_of = operator.attrgetter("trigger")
 _wants_params_of = operator.attrgetter("wants_params")
 _DECLARED: dict[Criticality | str, str] = {c: c.label for c in Criticality}
@@ -114,23 +114,28 @@ class SchedulerCore:
         self.results: dict[str, Any] = {}
         self._remaining = list(map(len, compiled.dependencies))
         self._dependents = compiled.dependents
-        self._breakers = list(map(_breaker_of, self.tasks))
+        # Only the tasks that have a circuit breaker: most have none, and a list
+        # would hold a None per task.
+        self._breakers: dict[int, CircuitBreaker] = {
+            i: task.circuit_breaker
+            for i, task in enumerate(self.tasks)
+            if task.circuit_breaker is not None
+        }
         self._levels = self.levels
         # Remaining critical path per task; the queue gets it negated (longest first).
         self._paths = compiled.critical_path
         self._static = n
         self._map_sources = compiled.map_sources
-        self._triggers: list[str] = list(map(_trigger_of, self.tasks))
         # Per task: its arguments need more than the succeeded dependencies' results.
         if any(map(_wants_params_of, self.injections)):
             self.special = [
-                trigger != "all_success" or inj.wants_params
-                for trigger, inj in zip(self._triggers, self.injections, strict=True)
+                task.trigger != "all_success" or inj.wants_params
+                for task, inj in zip(self.tasks, self.injections, strict=True)
             ]
         else:
-            self.special = [trigger != "all_success" for trigger in self._triggers]
+            self.special = [trigger != "all_success" for trigger in map(_trigger_of, self.tasks)]
         self.parents: list[int] = [-1] * n
-        self._inputs: list[Any] = [None] * n
+        self._inputs: dict[int, Any] = {}  # each mapped item's element
         self._items: dict[int, range] = {}
         self._items_left: dict[int, int] = {}
         self._preloaded: Mapping[str, Any] = {}
@@ -325,11 +330,13 @@ class SchedulerCore:
         self.injections.extend([self.injections[i]] * count)
         self._levels.extend([self._levels[i]] * count)
         self._paths.extend([self._paths[i]] * count)
-        self._breakers.extend([self._breakers[i]] * count)
+        breaker = self._breakers.get(i)
+        if breaker is not None:
+            self._breakers.update(dict.fromkeys(items, breaker))
         self._remaining.extend([0] * count)
         self.special.extend([True] * count)
         self.parents.extend([i] * count)
-        self._inputs.extend(elements)
+        self._inputs.update(zip(items, elements, strict=True))
         self._items[i] = items
         self._items_left[i] = count
         self.total += count
@@ -429,7 +436,7 @@ class SchedulerCore:
             return  # an item: its mapped task tells the dependents
         outcomes = self.outcomes
         remaining = self._remaining
-        triggers = self._triggers
+        tasks = self.tasks
         stack = [(i, outcomes[i].name)]
         while stack:
             k, origin = stack.pop()
@@ -437,7 +444,7 @@ class SchedulerCore:
                 dependent = outcomes[j]
                 if dependent.state is not TaskState.PENDING:
                     continue
-                trigger = triggers[j]
+                trigger = tasks[j].trigger
                 if trigger != "all_success":
                     remaining[j] -= 1
                     if remaining[j]:
@@ -491,7 +498,7 @@ class SchedulerCore:
             i = pop()
             if i is None:
                 break
-            breaker = breakers[i]
+            breaker = breakers.get(i) if breakers else None
             if breaker is not None and not breaker.try_acquire():
                 self.breaker_rejections += 1
                 wait = breaker.retry_after()
@@ -516,7 +523,7 @@ class SchedulerCore:
         if outcome.attempts == 0:
             outcome.started_at = None
         self.active -= 1
-        breaker = self._breakers[i]
+        breaker = self._breakers.get(i) if self._breakers else None
         if breaker is not None:
             breaker.release()
         if self.stopped:  # the run stopped while the task was claimed: it never starts
@@ -548,7 +555,7 @@ class SchedulerCore:
             outcome.traceback = None
         self.results[outcome.name] = result
         self.active -= 1
-        breaker = self._breakers[i]
+        breaker = self._breakers.get(i) if self._breakers else None
         if breaker is not None:
             breaker.record_success()
         if self.parents[i] >= 0:
@@ -642,7 +649,7 @@ class SchedulerCore:
             outcome.error = error
             outcome.finished_at = time.time()
             self.active -= 1
-            breaker = self._breakers[i]
+            breaker = self._breakers.get(i) if self._breakers else None
             if breaker is not None:
                 breaker.release()
             self._final(i)

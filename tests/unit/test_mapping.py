@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from pipeopt import (
+    CircuitBreaker,
     MappedItemsFailedError,
     MapSourceError,
     Pipeline,
     PipelineOptimizer,
+    PipelineTask,
     RetryPolicy,
     RunStatus,
     TaskSignatureError,
@@ -290,3 +292,21 @@ def test_core_counts_items_in_the_total_and_ends_when_all_are_final() -> None:
     assert core.names == ["source", "each", "each[0]", "each[1]"]
     assert compiled.names == ["source", "each"]
     assert len(compiled.tasks) == len(compiled.levels) == len(compiled.critical_path) == 2
+
+
+def test_items_share_their_tasks_circuit_breaker() -> None:
+    breaker = CircuitBreaker(failure_threshold=2, recovery_timeout=100.0, name="api")
+
+    def call(source: int) -> int:
+        if source > 1:
+            raise ValueError(source)
+        return source
+
+    pipeline = Pipeline("p")
+    pipeline.add(PipelineTask("source", lambda: [1, 2, 3, 4]))
+    pipeline.add(
+        PipelineTask("call", call, ("source",), map_over="source", circuit_breaker=breaker)
+    )
+    tasks = PipelineOptimizer(max_workers=1).run(pipeline).tasks
+    errors = [type(tasks[f"call[{k}]"].error).__name__ for k in range(4)]
+    assert errors == ["NoneType", "ValueError", "ValueError", "CircuitOpenError"]
