@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import CollectorRegistry
 
@@ -427,7 +427,7 @@ class PipelineOptimizer:
                 run_id=run_id,
                 pipeline=pipeline.name,
                 status=status,
-                tasks=dict(zip(core.names, core.outcomes, strict=True)),
+                tasks=_outcomes_by_name(core),
                 results=core.results,  # the run is over: the core's own dict, not a copy
                 started_at=started_wall,
                 wall_time=wall,
@@ -589,6 +589,14 @@ class PipelineOptimizer:
             running_since=running,
             batchers=batchers,
         )
+
+
+def _outcomes_by_name(core: SchedulerCore) -> dict[str, TaskOutcome]:
+    # Sized once from the name index: built by insertion, a dict of a million
+    # tasks would briefly hold its last two tables at the end of the run.
+    tasks = cast("dict[str, TaskOutcome]", dict.fromkeys(core.compiled.index))
+    tasks.update(zip(core.names, core.outcomes, strict=True))
+    return tasks
 
 
 def _run_graph(compiled: CompiledPipeline) -> RunGraph:

@@ -126,14 +126,17 @@ class SchedulerCore:
         self._paths = compiled.critical_path
         self._static = n
         self._map_sources = compiled.map_sources
-        # Per task: its arguments need more than the succeeded dependencies' results.
+        # Per task: its arguments need more than the succeeded dependencies' results
+        # (bytes: a list would hold a pointer per task).
         if any(map(_wants_params_of, self.injections)):
-            self.special = [
+            self.special = bytearray(
                 task.trigger != "all_success" or inj.wants_params
                 for task, inj in zip(self.tasks, self.injections, strict=True)
-            ]
+            )
         else:
-            self.special = [trigger != "all_success" for trigger in map(_trigger_of, self.tasks)]
+            self.special = bytearray(
+                trigger != "all_success" for trigger in map(_trigger_of, self.tasks)
+            )
         self.parents: list[int] = [-1] * n
         self._inputs: dict[int, Any] = {}  # each mapped item's element
         self._items: dict[int, range] = {}
@@ -334,7 +337,7 @@ class SchedulerCore:
         if breaker is not None:
             self._breakers.update(dict.fromkeys(items, breaker))
         self._remaining.extend([0] * count)
-        self.special.extend([True] * count)
+        self.special.extend(b"\x01" * count)
         self.parents.extend([i] * count)
         self._inputs.update(zip(items, elements, strict=True))
         self._items[i] = items
