@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import threading
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class TaskState(enum.StrEnum):
         """Return whether the task will not change state again in this run."""
         return self in _FINAL_STATES
 
+
+# Guards the first use of an outcome's lazily made containers (rare, so one lock for all).
+_FIRST_USE = threading.Lock()
 
 _FINAL_STATES = frozenset(
     {
@@ -222,7 +226,10 @@ class TaskOutcome:
         """Return the custom metrics its body recorded, by name."""
         metrics = self._metrics
         if metrics is None:
-            metrics = self._metrics = {}
+            with _FIRST_USE:  # a body's own threads may record at once: one dict for all
+                metrics = self._metrics
+                if metrics is None:
+                    metrics = self._metrics = {}
         return metrics
 
     @custom_metrics.setter
@@ -234,7 +241,10 @@ class TaskOutcome:
         """Return the log records its attempts emitted, formatted."""
         logs = self._logs
         if logs is None:
-            logs = self._logs = []
+            with _FIRST_USE:
+                logs = self._logs
+                if logs is None:
+                    logs = self._logs = []
         return logs
 
     @logs.setter
@@ -242,6 +252,10 @@ class TaskOutcome:
         self._logs = value
 
     def _own_history(self) -> list[AttemptRecord]:
+        with _FIRST_USE:
+            return self._make_history()
+
+    def _make_history(self) -> list[AttemptRecord]:
         history = self._history
         if history is None:
             made: list[AttemptRecord] = []

@@ -106,3 +106,37 @@ def test_retried_task_keeps_every_attempt() -> None:
     first, second = outcome.attempt_history
     assert (first.number, type(first.error), second.number, second.error) == (1, OSError, 2, None)
     assert outcome.finished_at == second.started_at + second.duration
+
+
+def test_threads_of_one_body_lose_nothing_on_first_use() -> None:
+    import contextvars
+    import logging
+    import threading
+
+    from pipeopt import TaskContext
+
+    def fan(context: TaskContext) -> None:
+        start = threading.Barrier(8)
+
+        def work(k: int) -> None:
+            start.wait()  # all eight make their first write together
+            context.record_custom_metric(f"m{k}", k)
+            context.logger.warning("from thread %d", k)
+
+        # A thread a body starts logs under the task when it runs in a copy of the body's context.
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(work, k))
+            for k in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    p = Pipeline("threads")
+    p.add(PipelineTask("fan", fan))
+    for _ in range(20):
+        outcome = PipelineOptimizer(max_workers=1).run(p).tasks["fan"]
+        assert outcome.custom_metrics == {f"m{k}": float(k) for k in range(8)}
+        assert len([line for line in outcome.logs if "from thread" in line]) == 8
+    logging.getLogger("pipeopt.task").handlers.clear()
