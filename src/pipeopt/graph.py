@@ -339,6 +339,8 @@ class Pipeline:
             func: the body every task runs.
             dependencies: one row per name, in the same order: the names
                 (or tasks) that task depends on; ``None`` for no dependencies.
+                A generator of rows is cheapest for large tables: its rows
+                are made while the garbage collector is held off.
             criticality: as for :class:`PipelineTask`, shared by every
                 task; so are ``retry_policy``, ``circuit_breaker``,
                 ``timeout``, ``expected_duration``, ``cache_key``,
@@ -357,37 +359,37 @@ class Pipeline:
         names = names if isinstance(names, list) else list(names)
         if not names:
             return []
-        rows: Iterable[Iterable[str | PipelineTask] | str | PipelineTask]
-        if dependencies is None:
-            rows = itertools.repeat(())
-        else:
-            rows = dependencies if isinstance(dependencies, list) else list(dependencies)
-            if len(rows) != len(names):
-                raise ValueError(
-                    f"add_many: dependencies has {len(rows)} rows for {len(names)} names; "
-                    "give one row (empty for none) per name"
-                )
-        # The first task checks the shared settings once, for every row.
-        template = PipelineTask(
-            names[0],
-            func,
-            (),
-            criticality=criticality,
-            retry_policy=retry_policy,
-            circuit_breaker=circuit_breaker,
-            timeout=timeout,
-            expected_duration=expected_duration,
-            cache_key=cache_key,
-            persist=persist,
-            description=description,
-            group=group,
-            map_over=map_over,
-            trigger=trigger,
-        )
-        source = template.map_source
-        tasks = self._tasks
-        added: list[PipelineTask] = []
-        with holding_gc(len(names)):
+        with holding_gc(len(names)):  # rows given lazily are made under the hold too
+            rows: Iterable[Iterable[str | PipelineTask] | str | PipelineTask]
+            if dependencies is None:
+                rows = itertools.repeat(())
+            else:
+                rows = dependencies if isinstance(dependencies, list) else list(dependencies)
+                if len(rows) != len(names):
+                    raise ValueError(
+                        f"add_many: dependencies has {len(rows)} rows for {len(names)} names; "
+                        "give one row (empty for none) per name"
+                    )
+            # The first task checks the shared settings once, for every row.
+            template = PipelineTask(
+                names[0],
+                func,
+                (),
+                criticality=criticality,
+                retry_policy=retry_policy,
+                circuit_breaker=circuit_breaker,
+                timeout=timeout,
+                expected_duration=expected_duration,
+                cache_key=cache_key,
+                persist=persist,
+                description=description,
+                group=group,
+                map_over=map_over,
+                trigger=trigger,
+            )
+            source = template.map_source
+            tasks = self._tasks
+            added: list[PipelineTask] = []
             try:
                 for name, row in zip(names, rows, strict=False):
                     if not isinstance(name, str) or not name.strip():

@@ -189,6 +189,16 @@ def test_add_many_makes_the_tasks_add_would() -> None:
     assert bulk["c"].dependency_names == ("a", "b")
 
 
+def test_add_many_takes_its_rows_from_a_generator() -> None:
+    rows = [[], ["a"], ["a", "b"]]
+    listed, generated = Pipeline("listed"), Pipeline("generated")
+    listed.add_many(["a", "b", "c"], noop, rows)
+    generated.add_many(["a", "b", "c"], noop, (row for row in rows))
+    assert [t.dependency_names for t in generated] == [t.dependency_names for t in listed]
+    with pytest.raises(ValueError, match="2 rows for 3 names"):
+        Pipeline("short").add_many(["a", "b", "c"], noop, (row for row in rows[:2]))
+
+
 def test_add_many_without_dependencies_and_with_map_over() -> None:
     p = Pipeline("bulk")
     p.add(PipelineTask("source", lambda: [1, 2]))
