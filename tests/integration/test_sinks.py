@@ -794,3 +794,34 @@ def test_a_task_counts_what_a_load_committed_before_its_input_failed(tmp_path: P
     assert sqlite_rows(tmp_path / "t.db", "SELECT count(DISTINCT id), count(*) FROM t") == [
         (5_000, 5_000)
     ]
+
+
+def test_sinks_opening_a_new_database_at_once_all_get_it(tmp_path: Path) -> None:
+    import threading
+
+    # Switching a new file to WAL while others open it fails at once unless retried.
+    for k in range(60):
+        path = tmp_path / f"new{k}.db"
+        start = threading.Barrier(3)
+        errors: list[BaseException] = []
+
+        def open_sink(
+            table: str,
+            path: Path = path,
+            start: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            start.wait()
+            try:
+                with SQLiteSink(path, table, columns=["id"], create=True) as sink:
+                    sink.write([(1,)])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_sink, args=(f"t{i}",)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert [sqlite_rows(path, f"SELECT count(*) FROM t{i}") for i in range(3)] == [[(1,)]] * 3

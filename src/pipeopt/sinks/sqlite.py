@@ -6,8 +6,9 @@ import contextlib
 import datetime as dt
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from pipeopt._validate import check_float
 from pipeopt.errors import SinkError
@@ -20,6 +21,8 @@ from pipeopt.sinks.base import (
     Row,
     TableSink,
 )
+
+_T = TypeVar("_T")
 
 __all__ = ["SQLiteSink"]
 
@@ -96,9 +99,7 @@ class SQLiteSink(TableSink):
         except sqlite3.Error as exc:
             raise SinkError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            existing = self._table_columns(self.table)
+            existing = _while_locked(busy_timeout, lambda: self._prepare(synchronous))
         except sqlite3.Error as exc:
             self._conn.close()
             raise SinkError(f"cannot use SQLite database {self.path!r}: {exc}") from exc
@@ -116,6 +117,11 @@ class SQLiteSink(TableSink):
 
     def __repr__(self) -> str:
         return f"SQLiteSink({self.path!r}, {self.table!r})"
+
+    def _prepare(self, synchronous: str) -> tuple[str, ...] | None:
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        return self._table_columns(self.table)
 
     def _table_columns(self, name: str) -> tuple[str, ...] | None:
         schema, _, table = name.rpartition(".")
@@ -305,3 +311,23 @@ class SQLiteSink(TableSink):
         if not self._closed:
             self._closed = True
             self._conn.close()
+
+
+def _while_locked(budget: float, step: Callable[[], _T]) -> _T:
+    """Run ``step``, again while SQLite says the database is locked, for up to ``budget`` seconds.
+
+    Switching a new database to WAL while other connections open it fails at
+    once with "database is locked" (SQLite does not wait on a busy handler
+    there); waiting a little and trying again is what the busy timeout
+    promises for every other statement.
+    """
+    deadline = time.monotonic() + budget
+    pause = 0.002
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
