@@ -30,29 +30,25 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeopt.context import ExecutionContext
+from pipeopt.attempt import Attempt, attempt_call, attempt_context
 from pipeopt.errors import (
     TaskTimeoutError,
 )
 from pipeopt.executors.base import (
     PLAIN_RESULTS,
     SyncExecutor,
-    TaskCall,
     ThreadExecutor,
     close_thread_loop,
     resolve_output,
 )
 from pipeopt.hooks import RunHooks, RunObserver
 from pipeopt.logs import current as current_task
-from pipeopt.priority import LABELS
 from pipeopt.result import AttemptRecord
 from pipeopt.scheduler import SchedulerCore
 
 if TYPE_CHECKING:
-    from pipeopt.batching import Batcher
     from pipeopt.executors.base import Executor
 
 _dispatching = threading.local()  # set while a callback thread submits follow-ups
@@ -65,32 +61,6 @@ _STOPS_THE_RUN = (KeyboardInterrupt, SystemExit)
 _wall_clock = time.time
 _new_tuple = tuple.__new__
 _set_task, _reset_task = current_task.set, current_task.reset
-
-
-@dataclass(slots=True)
-class Attempt:
-    """One attempt of a task: its slot bookkeeping and, once it ran, its outcome."""
-
-    index: int
-    number: int
-    started_wall: float
-    started: float
-    deadline: float | None
-    cancel: threading.Event | None = None
-    abandoned: bool = False
-    stopped: bool = False  # the run asked it to stop (interrupt or fail_fast)
-    stop_reason: BaseException | None = None
-    future: Future[Any] | None = None
-    cache_key: str | None = None
-    error: BaseException | None = None
-    text: str | None = None
-    ended: float = 0.0
-
-    def cancel_event(self) -> threading.Event:
-        """Return the attempt's cancel flag, made on first use."""
-        if self.cancel is None:
-            self.cancel = threading.Event()
-        return self.cancel
 
 
 class RunLoop:
@@ -323,8 +293,8 @@ class RunLoop:
                         attempt, (cached_value, None, None, True, attempt.started, self._clock())
                     )
                     return
-            call = self._call(i, attempt, kwargs)
-            future = self.executor.submit(call, self._context(i, attempt))
+            call = attempt_call(self.core, i, attempt, kwargs)
+            future = self.executor.submit(call, attempt_context(self.core, self.hooks, i, attempt))
         except Exception as exc:  # e.g. arguments that do not pickle
             text = traceback.format_exc()
             self._settle(attempt, (None, exc, text, False, attempt.started, self._clock()))
@@ -538,15 +508,19 @@ class RunLoop:
                     return (cached_value, None, None, True, started, clock())
             if self._own_threads:
                 if injection.wants_context:
-                    kwargs["context"] = self._context(i, attempt)
+                    kwargs["context"] = attempt_context(self.core, self.hooks, i, attempt)
                 value = task.func(**kwargs)
                 kind = injection.kind
                 if kind != "function" or type(value) not in PLAIN_RESULTS:
                     value = resolve_output(value, kind, task.timeout)
                 return (value, None, None, False, started, clock())
-            call = self._call(i, attempt, kwargs)
+            call = attempt_call(self.core, i, attempt, kwargs)
             # Worker threads serve inline executors only; the others are dispatched to.
-            context = self._context(i, attempt) if injection.wants_context else None
+            context = (
+                attempt_context(self.core, self.hooks, i, attempt)
+                if injection.wants_context
+                else None
+            )
             value = self.executor.run_inline(call, context)  # type: ignore[attr-defined]
             return (value, None, None, False, started, clock())
         except BaseException as exc:
@@ -663,52 +637,6 @@ class RunLoop:
         if core.done:
             self._work.notify_all()
             self._main.notify()
-
-    def _context(self, i: int, attempt: Attempt) -> ExecutionContext:
-        core = self.core
-        task = core.tasks[i]
-        hooks = self.hooks
-        name = core.groups[i]  # items share their task's batcher
-
-        def batcher() -> Batcher:
-            found = hooks.batchers.get(name)
-            if found is None:
-                found = hooks.batchers[name] = hooks.batcher_factory(name)
-            return found
-
-        def template() -> Batcher:
-            found = hooks.batchers.get(name)
-            return found if found is not None else hooks.batcher_factory(name)
-
-        return ExecutionContext(
-            core.names[i],
-            attempt=attempt.number,
-            run_id=hooks.run_id,
-            lineage_id=hooks.lineage_id,
-            criticality=LABELS[core.levels[i]],
-            dependencies=task.dependency_names,
-            results=core.inputs(i) if core.special[i] else core.results,
-            batcher_factory=batcher,
-            batcher_template=template,
-            custom_metrics=core.outcomes[i].custom_metrics,
-            cancelled=attempt.cancel_event(),
-            batch_observer=hooks.batch_observer,
-        )
-
-    def _call(self, i: int, attempt: Attempt, kwargs: dict[str, Any]) -> TaskCall:
-        core = self.core
-        task = core.tasks[i]
-        injection = core.injections[i]
-        return TaskCall(
-            core.names[i],
-            task.func,
-            kwargs,
-            injection.wants_context,
-            injection.kind,
-            attempt.number,
-            core.levels[i],
-            task.timeout,
-        )
 
 
 __all__ = ["Attempt", "RunHooks", "RunLoop", "RunObserver"]

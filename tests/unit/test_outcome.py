@@ -110,7 +110,6 @@ def test_retried_task_keeps_every_attempt() -> None:
 
 def test_threads_of_one_body_lose_nothing_on_first_use() -> None:
     import contextvars
-    import logging
     import threading
 
     from pipeopt import TaskContext
@@ -139,4 +138,3 @@ def test_threads_of_one_body_lose_nothing_on_first_use() -> None:
         outcome = PipelineOptimizer(max_workers=1).run(p).tasks["fan"]
         assert outcome.custom_metrics == {f"m{k}": float(k) for k in range(8)}
         assert len([line for line in outcome.logs if "from thread" in line]) == 8
-    logging.getLogger("pipeopt.task").handlers.clear()

@@ -63,7 +63,8 @@ from pipeopt.graph import Pipeline, PipelineTask
 if TYPE_CHECKING:
     from pipeopt.batching import Batcher
     from pipeopt.executors.base import Executor
-    from pipeopt.graph import BodyKind, CompiledPipeline
+    from pipeopt.graph import CompiledPipeline
+    from pipeopt.injection import BodyKind
     from pipeopt.result import RunResult
 
 PEERS: tuple[str, ...] = ("threadpool", "dask-threaded", "dask-distributed")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeopt.context import ExecutionContext
-    from pipeopt.graph import BodyKind
+    from pipeopt.injection import BodyKind
 
 
 WORKER_NAME = "pipeopt-worker"

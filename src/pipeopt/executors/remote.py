@@ -71,14 +71,20 @@ class _Forward(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            record.msg = record.getMessage()
-            record.args = None
-            if record.exc_info:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-                record.exc_info = None
-            self._context.send_record(record)
+            self._context.send_record(_sendable(record))
         except Exception:
             self.handleError(record)
+
+
+def _sendable(record: logging.LogRecord) -> logging.LogRecord:
+    """Return a copy of ``record`` that pickles: message formatted, traceback as text."""
+    sent = copy.copy(record)
+    sent.msg = record.getMessage()
+    sent.args = None
+    if record.exc_info:
+        sent.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+        sent.exc_info = None
+    return sent
 
 
 _body: contextvars.ContextVar[RemoteContext | None] = contextvars.ContextVar(
@@ -101,15 +107,7 @@ class _WorkerCapture(logging.Handler):
         if context is None:
             return
         try:
-            sent = copy.copy(record)
-            sent.msg = record.getMessage()
-            sent.args = None
-            if record.exc_info:
-                sent.exc_text = record.exc_text or logging.Formatter().formatException(
-                    record.exc_info
-                )
-                sent.exc_info = None
-            context.send_record(sent)
+            context.send_record(_sendable(record))
         except Exception:
             self.handleError(record)
 
