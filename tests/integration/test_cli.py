@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from cli_process import run_pipeopt
 
 PIPELINE_OK = """
 from pipeopt import Pipeline
@@ -62,15 +61,7 @@ def only():
 """
 
 
-def pipeopt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeopt.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+pipeopt = run_pipeopt
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_process import run_pipeopt
 
 PIPELINES = """
 from pipeopt import Pipeline
@@ -41,18 +42,7 @@ def needs(region, stage="prod"):
 """
 
 
-def pipeopt(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeopt.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+pipeopt = run_pipeopt
 
 
 def one_line(done: subprocess.CompletedProcess[str]) -> str:

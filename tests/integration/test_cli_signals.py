@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cli_process import run_pipeopt
 
 PIPELINE = """
 import threading
@@ -101,14 +102,7 @@ for n in range(5):
 
 
 def pipeopt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeopt.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_pipeopt(*args, cwd=cwd, timeout=60)
 
 
 def start_resume(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_process import run_pipeopt
 
 ROOT = Path(__file__).resolve().parents[2]
 EXECUTORS = ("thread", "sync", "process", "async", "dask")
@@ -93,14 +94,7 @@ def readme_example() -> str:
 
 
 def pipeopt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeopt.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_pipeopt(*args, cwd=cwd, timeout=180)
 
 
 def outcome_of(path: Path, executor: str, workdir: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cli_process import run_pipeopt
 
 pytest.importorskip("aiohttp", reason="pipeopt ui needs aiohttp: pipeopt[dashboard]")
 
@@ -32,15 +33,7 @@ PIPELINE = textwrap.dedent(
 )
 
 
-def pipeopt(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeopt.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+pipeopt = run_pipeopt
 
 
 def test_ui_serves_the_runs_of_a_store_until_ctrl_c(tmp_path: Path) -> None:
