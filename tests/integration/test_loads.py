@@ -343,28 +343,31 @@ def test_kill_9_mid_load_then_resume_last_loads_every_row_once(
     }
     state = tmp_path / "state"
     command = [sys.executable, "-m", "pipeopt.cli"]
-    proc = subprocess.Popen(
-        [*command, "run", str(pipeline), "--state-dir", str(state)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    # The run's output goes to a file, never to a pipe nobody reads while the test polls.
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*command, "run", str(pipeline), "--state-dir", str(state)],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert proc.poll() is None, log.read_text()
             try:
                 progress = target.ledger()
             except Exception:  # the ledger table does not exist yet
                 progress = []
             if progress and progress[0][1] >= N // 6:
                 break
-            assert time.monotonic() < deadline, "the load never got going"
+            assert time.monotonic() < deadline, f"the load never got going: {log.read_text()}"
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     [(key, consumed, _, _)] = target.ledger()
     assert 0 < consumed < N
